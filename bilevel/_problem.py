@@ -1,0 +1,175 @@
+"""Problem definitions: the two losses of a bilevel problem, and per-step data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+class Problem(eqx.Module):
+    """A bilevel problem: a training loss and a validation loss over parameter pytrees.
+
+    The hyperparameters λ are chosen to minimise `outer(w*(λ), λ, outer_batch)` where
+    `w*(λ)` minimises `inner(w, λ, inner_batch)`. Both losses are pure functions
+    `f(params, hparams, batch) -> scalar` over arbitrary pytrees (dicts, tuples, equinox
+    modules); `batch` may be `None` for problems without data.
+
+    A `Problem` knows nothing about how `w*` is found or differentiated: combine it with a
+    method (`bilevel.unroll`, `bilevel.implicit`, ...) through `bilevel.response` or
+    `bilevel.hypergrad`.
+
+    **Arguments:**
+
+    - `inner`: the training loss `L_T(params, hparams, batch) -> scalar`.
+    - `outer`: the validation loss `L_V(params, hparams, batch) -> scalar`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import bilevel as bl
+
+    def train_loss(w, log_lam, batch):
+        x, y = batch
+        return 0.5 * jnp.mean((x @ w - y) ** 2) + 0.5 * jnp.exp(log_lam) * w @ w
+
+    def val_loss(w, log_lam, batch):
+        x, y = batch
+        return 0.5 * jnp.mean((x @ w - y) ** 2)
+
+    problem = bl.Problem(inner=train_loss, outer=val_loss)
+    ```
+    """
+
+    inner: Callable = eqx.field(static=True)
+    outer: Callable = eqx.field(static=True)
+
+    def __check_init__(self):
+        for name in ("inner", "outer"):
+            fn = getattr(self, name)
+            if not callable(fn):
+                raise TypeError(
+                    f"Problem({name}=...) requires a callable loss "
+                    f"`{name}(params, hparams, batch) -> scalar`; got {type(fn).__name__} "
+                    f"{fn!r}. Pass the loss function itself, e.g. Problem(inner=train_loss, "
+                    "outer=val_loss)."
+                )
+
+
+class PerStep(eqx.Module):
+    """Per-step inner data: a pytree whose leaves have leading axis equal to the step count.
+
+    Build it with [`bilevel.per_step`][]; see there.
+    """
+
+    batches: PyTree
+
+
+def per_step(stacked: PyTree) -> PerStep:
+    """Mark inner data as one minibatch per inner step.
+
+    Methods that take steps (`bilevel.unroll` and the transforms built on it) use slice
+    `t` of every leaf at step `t`. Without this wrapper a batch is used whole at every
+    step: which of the two is meant is never guessed from shapes. The leading axis of
+    every leaf must equal the method's `steps`; this is checked when the compiled function
+    is called.
+
+    **Arguments:**
+
+    - `stacked`: a pytree of arrays, each with leading axis `steps`.
+
+    **Returns:**
+
+    A `PerStep` wrapper to pass as `inner_batch`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, x: 0.5 * jnp.sum((w - x) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, x: 0.5 * jnp.sum(w ** 2),
+    )
+    xs = jnp.ones((10, 3))                       # one 3-vector per step
+    respond = bl.response(problem, bl.unroll(optax.sgd(0.1), steps=10))
+    w = respond(jnp.asarray(0.1), jnp.zeros(3), bl.per_step(xs))
+    ```
+    """
+    leaves = jax.tree_util.tree_leaves(stacked)
+    if not leaves:
+        raise ValueError(
+            "per_step(stacked) requires a pytree with at least one array leaf whose leading "
+            f"axis is the step count; got {stacked!r}. For problems without data pass "
+            "inner_batch=None instead of per_step(...)."
+        )
+    for leaf in leaves:
+        if np.ndim(leaf) == 0:
+            raise ValueError(
+                "per_step(stacked) requires every leaf to have a leading step axis; got a "
+                f"scalar leaf {leaf!r}. Stack one batch per step along axis 0, or pass the "
+                "batch without per_step(...) to use it at every step."
+            )
+    return PerStep(stacked)
+
+
+def tree_summary(tree: PyTree) -> str:
+    """A short description of a pytree's structure and leaf shapes, for error messages."""
+    shapes = jax.tree_util.tree_map(lambda x: getattr(x, "shape", type(x).__name__), tree)
+    text = str(shapes)
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def _is_float(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def check_hparams(hparams: PyTree, where: str) -> None:
+    """Raise if any hyperparameter leaf is not a floating-point array."""
+    leaves = jax.tree_util.tree_leaves(hparams)
+    if not leaves:
+        raise ValueError(
+            f"{where} requires hparams with at least one floating-point array leaf; got "
+            f"{hparams!r}. Pass the hyperparameters to differentiate, e.g. jnp.asarray(0.1)."
+        )
+    for leaf in leaves:
+        if not _is_float(leaf):
+            raise TypeError(
+                f"{where} requires floating-point hyperparameters (they are differentiated); "
+                f"got a leaf of dtype {jnp.result_type(leaf)} in hparams "
+                f"{tree_summary(hparams)}. Convert it, e.g. jnp.asarray(x, dtype=float)."
+            )
+
+
+def check_loss(fn: Callable, name: str, params, hparams, batch) -> None:
+    """Check at trace time that `fn(params, hparams, batch)` runs and returns a float scalar."""
+    try:
+        out = jax.eval_shape(fn, params, hparams, batch)
+    except Exception as err:  # re-raised with the context a user needs
+        raise type(err)(
+            f"Calling the {name} loss as {name}(params, hparams, batch) failed: {err}\n"
+            f"params had structure {tree_summary(params)}; hparams had structure "
+            f"{tree_summary(hparams)}. Check that params0 has the tree the loss expects "
+            "(same keys, nesting and shapes) and that the batch matches the loss."
+        ) from err
+    if not (isinstance(out, jax.ShapeDtypeStruct) and out.shape == ()):
+        got = out.shape if isinstance(out, jax.ShapeDtypeStruct) else tree_summary(out)
+        raise TypeError(
+            f"The {name} loss must return a scalar; it returned {got}. Reduce it, e.g. "
+            "with jnp.mean(...) or jnp.sum(...)."
+        )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            f"The {name} loss must return a floating-point scalar; it returned dtype "
+            f"{out.dtype}. Make sure it computes in floating point (e.g. cast integer "
+            "inputs with .astype(float))."
+        )

@@ -1,0 +1,33 @@
+"""Test configuration: float64 on, and hypothesis profiles.
+
+x64 is enabled for the whole test session so that exactness tests can compare against closed
+forms at 1e-9; float32 tests build float32 arrays explicitly.
+
+Hypothesis profiles: `ci` (default, a meaningful but bounded number of examples) and `thorough`
+(select with HYPOTHESIS_PROFILE=thorough for long local runs).
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+settings.register_profile(
+    "thorough",
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
