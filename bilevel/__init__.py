@@ -1,5 +1,39 @@
-"""bilevel: composable, compiler-style hypergradients for JAX."""
+"""bilevel: composable, compiler-style hypergradients for JAX.
 
+Declare a bilevel problem as two losses, pick a method (how the inner parameters are found
+and how they are differentiated), and compile the pair into plain JAX functions:
+
+    problem = bl.Problem(inner=train_loss, outer=val_loss)
+    method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=500), bl.cg(maxiter=50, tol=1e-10))
+    hg = jax.jit(bl.hypergrad(problem, method))
+"""
+
+from ._base import AbstractMethod as AbstractMethod
+from ._compile import (
+    HypergradResult as HypergradResult,
+    hypergrad as hypergrad,
+    response as response,
+)
+from ._implicit import (
+    Implicit as Implicit,
+    Solver as Solver,
+    implicit as implicit,
+    solver as solver,
+)
+from ._linear_solvers import (
+    CG as CG,
+    GMRES as GMRES,
+    AbstractLinearSolver as AbstractLinearSolver,
+    Exact as Exact,
+    Identity as Identity,
+    Neumann as Neumann,
+    cg as cg,
+    exact as exact,
+    gmres as gmres,
+    identity as identity,
+    neumann as neumann,
+)
 from ._problem import PerStep as PerStep, Problem as Problem, per_step as per_step
+from ._unroll import Truncate as Truncate, Unroll as Unroll, truncate as truncate, unroll as unroll
 
 __version__ = "0.1.0"

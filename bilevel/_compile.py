@@ -1,0 +1,165 @@
+"""Layer 2: compile a method against a problem into plain JAX functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._base import AbstractMethod
+from ._problem import PerStep, Problem, check_hparams, check_loss
+
+PyTree = Any
+
+
+class HypergradResult(NamedTuple):
+    """What `bilevel.hypergrad` returns (a pytree, so it passes through jit and vmap).
+
+    **Fields:**
+
+    - `value`: the validation loss L_V(w, λ) at the inner parameters reached.
+    - `grad`: the hypergradient dL_V/dλ by the method's rule, same tree as `hparams`.
+    - `params`: the inner parameters w reached by the forward pass.
+    - `stats`: a dict of diagnostics: always `inner_grad_norm` (‖∇_w L_T‖ at w, how far w
+      is from stationary); for `implicit`, the backward solve's `solve_residual`
+      (‖Hx − b‖/‖b‖), `solve_iterations` (CG), or `neumann_last_term`, `neumann_ratio`
+      and `neumann_diverged` (Neumann).
+    """
+
+    value: jax.Array
+    grad: PyTree
+    params: PyTree
+    stats: dict
+
+
+def _check_problem_method(problem, method, where: str) -> None:
+    if not isinstance(problem, Problem):
+        raise TypeError(
+            f"{where} requires a bilevel.Problem as first argument; got "
+            f"{type(problem).__name__}. Build one with bilevel.Problem(inner=..., outer=...)."
+        )
+    if not isinstance(method, AbstractMethod):
+        raise TypeError(
+            f"{where} requires a method such as bilevel.unroll(optax.sgd(0.1), steps=100) as "
+            f"second argument; got {type(method).__name__} {method!r}."
+        )
+
+
+def _first_batch(batch):
+    """A single-step view of the inner data, for checking the loss signature."""
+    if isinstance(batch, PerStep):
+        return jax.tree_util.tree_map(lambda x: x[0], batch.batches)
+    return batch
+
+
+def _check_call(problem, method, hparams, params0, inner_batch, outer_batch=None, outer=False):
+    check_hparams(hparams, "hypergrad/response")
+    method._check_batch(inner_batch)
+    check_loss(problem.inner, "inner", params0, hparams, _first_batch(inner_batch))
+    if outer:
+        check_loss(problem.outer, "outer", params0, hparams, outer_batch)
+
+
+def _probe_dtype(params0):
+    leaves = [x for x in jax.tree_util.tree_leaves(params0) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
+
+
+def response(problem: Problem, method: AbstractMethod) -> Callable:
+    """Compile a method against a problem into the response function w(λ).
+
+    The returned function runs the method's forward pass and is differentiable with
+    respect to `hparams` (and the batch) by the method's rule, under `jax.grad`,
+    `jax.jvp`, `jax.vmap` and `jax.jit`. It is a plain function: jit it yourself.
+
+    **Arguments:**
+
+    - `problem`: a `bilevel.Problem`.
+    - `method`: a method (`bilevel.unroll`, `bilevel.truncate`, `bilevel.implicit`,
+      `bilevel.solver`).
+
+    **Returns:**
+
+    `respond(hparams, params0, inner_batch) -> params`, where `inner_batch` is one batch
+    used at every step, `bilevel.per_step(stacked)`, or `None`.
+
+    **Example:**
+
+    ```python
+    import jax, jax.numpy as jnp, optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    respond = jax.jit(bl.response(problem, bl.unroll(optax.sgd(0.5), steps=100)))
+    w = respond(jnp.asarray(0.3), jnp.zeros(3), None)          # ≈ 1 / 1.3
+    dw = jax.jacfwd(respond)(jnp.asarray(0.3), jnp.zeros(3), None)
+    ```
+    """
+    _check_problem_method(problem, method, "response(problem, method)")
+
+    def respond(hparams, params0, inner_batch):
+        _check_call(problem, method, hparams, params0, inner_batch)
+        params, _ = method._run(problem, hparams, params0, inner_batch, method._probe(_probe_dtype(params0)))
+        return params
+
+    return respond
+
+
+def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
+    """Compile a method against a problem into a hypergradient function.
+
+    Built on `bilevel.response` with `jax.value_and_grad` only: the hypergradient is the
+    gradient of `outer(respond(λ), λ, outer_batch)`, including the direct dependence of the
+    validation loss on λ. Pure, so `jax.jit`, `jax.vmap` (over hyperparameters, seeds,
+    datasets), `jax.pmap`, `shard_map` and `jax.grad` (hyper-hypergradients) compose with it.
+    Hyperparameters are a traced argument: new values never recompile.
+
+    **Arguments:**
+
+    - `problem`: a `bilevel.Problem`.
+    - `method`: a method (`bilevel.unroll`, `bilevel.truncate`, `bilevel.implicit`,
+      `bilevel.solver`).
+
+    **Returns:**
+
+    `hg(hparams, params0, inner_batch, outer_batch) -> HypergradResult` with fields
+    `value`, `grad` (same tree as `hparams`), `params` and `stats`.
+
+    **Example:**
+
+    ```python
+    import jax, jax.numpy as jnp, optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    method = bl.implicit(bl.unroll(optax.sgd(0.5), steps=100), bl.cg(maxiter=20, tol=1e-10))
+    hg = jax.jit(bl.hypergrad(problem, method))
+    out = hg(jnp.asarray(0.3), jnp.zeros(3), None, None)
+    grads = jax.vmap(hg, in_axes=(0, None, None, None))(jnp.linspace(0.1, 1.0, 8), jnp.zeros(3), None, None)
+    ```
+    """
+    _check_problem_method(problem, method, "hypergrad(problem, method)")
+
+    def hg(hparams, params0, inner_batch, outer_batch):
+        _check_call(problem, method, hparams, params0, inner_batch, outer_batch, outer=True)
+
+        def loss(h, probe):
+            params, stats = method._run(problem, h, params0, inner_batch, probe)
+            return problem.outer(params, h, outer_batch), (params, stats)
+
+        probe = method._probe(_probe_dtype(params0))
+        (value, (params, stats)), (grad, solve_stats) = jax.value_and_grad(
+            loss, argnums=(0, 1), has_aux=True
+        )(hparams, probe)
+        stats = {**stats, **method._finalize(solve_stats)}
+        return HypergradResult(value, grad, params, stats)
+
+    return hg

@@ -1,0 +1,253 @@
+"""Implicit differentiation: `implicit(method, linear_solver)` and user forward solvers.
+
+The derivative is a JVP rule (`jax.custom_jvp`) whose tangent is a transposable linear
+solve (`jax.lax.custom_linear_solve`), so `jax.jvp` and `jax.grad` both work, in the
+style of `jax.lax.custom_root` and optimistix's `implicit_jvp`:
+
+    dw = -H⁻¹ (∂g/∂λ dλ + ∂g/∂batch dbatch),   g = ∇_w L_T,  H = ∂g/∂w at w*.
+
+Diagnostics of the backward solve: reverse mode runs the solve only in the transpose of
+the JVP rule, where nothing but cotangents can leave. The solve is therefore posed on an
+augmented system (x, s) whose second block is the identity on a "probe" of zero scalars;
+the solver writes its stats into that block, so they arrive as the probe's cotangent.
+`bilevel.hypergrad` differentiates with respect to the probe and reports them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+from ._base import AbstractMethod, grad_norm_stats, inner_grad
+from ._linear_solvers import AbstractLinearSolver
+from ._problem import PerStep, tree_summary
+from ._unroll import Truncate, Unroll
+
+_tmap = jax.tree_util.tree_map
+
+
+class Solver(AbstractMethod):
+    """A user forward solver `(hparams, params0, batch) -> params`. See `bilevel.solver`."""
+
+    fn: Callable = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not callable(self.fn):
+            raise TypeError(
+                "solver(fn) requires a callable fn(hparams, params0, batch) -> params; got "
+                f"{type(self.fn).__name__} {self.fn!r}."
+            )
+
+    def _run(self, problem, hparams, params0, batch, probe):
+        del probe
+        params = self.fn(hparams, params0, batch)
+        want = jax.tree_util.tree_structure(params0)
+        got = jax.tree_util.tree_structure(params)
+        shapes_ok = want == got and all(
+            jnp.shape(a) == jnp.shape(b)
+            for a, b in zip(jax.tree_util.tree_leaves(params0), jax.tree_util.tree_leaves(params))
+        )
+        if not shapes_ok:
+            raise ValueError(
+                "solver(fn): fn(hparams, params0, batch) must return params with the same tree "
+                f"and shapes as params0 {tree_summary(params0)}; it returned "
+                f"{tree_summary(params)}. Return the solution in the layout of params0."
+            )
+        return params, grad_norm_stats(problem, params, hparams, batch)
+
+
+def _instantiate(t, primal):
+    if isinstance(t, SymbolicZero):
+        dtype = jax.dtypes.result_type(primal)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            return np.zeros(jnp.shape(primal), jax.dtypes.float0)
+        return jnp.zeros(jnp.shape(primal), dtype)
+    return t
+
+
+def _all_zero(tangents) -> bool:
+    leaves = jax.tree_util.tree_leaves(tangents, is_leaf=lambda x: isinstance(x, SymbolicZero))
+    return all(isinstance(t, SymbolicZero) for t in leaves)
+
+
+class Implicit(AbstractMethod):
+    """Forward by a method, derivative by the implicit function theorem. See `bilevel.implicit`."""
+
+    method: AbstractMethod
+    linear_solver: AbstractLinearSolver
+
+    def __check_init__(self):
+        if isinstance(self.method, (Implicit, Truncate)):
+            raise TypeError(
+                "implicit(method, linear_solver) requires a method that finds the inner "
+                f"parameters (bilevel.unroll or bilevel.solver); got {type(self.method).__name__}, "
+                "which only changes how they are differentiated, and implicit replaces that "
+                "derivative anyway. Write bilevel.implicit(bl.unroll(optimizer, steps), "
+                "linear_solver) instead."
+            )
+        if not isinstance(self.method, (Unroll, Solver)):
+            raise TypeError(
+                "implicit(method, linear_solver) requires a forward method built by "
+                f"bilevel.unroll or bilevel.solver; got {type(self.method).__name__} "
+                f"{self.method!r}. Wrap your own solver with bilevel.solver(fn)."
+            )
+        if not isinstance(self.linear_solver, AbstractLinearSolver):
+            raise TypeError(
+                "implicit(method, linear_solver) requires a linear solver such as bilevel.cg(), "
+                "bilevel.exact(), bilevel.neumann(terms, alpha), bilevel.identity() or "
+                f"bilevel.gmres(); got {type(self.linear_solver).__name__} "
+                f"{self.linear_solver!r}."
+            )
+
+    def _probe(self, dtype):
+        return self.linear_solver.stats_template(dtype)
+
+    def _finalize(self, probe_cotangent):
+        return self.linear_solver.finalize(probe_cotangent)
+
+    def _check_batch(self, inner_batch) -> None:
+        if isinstance(inner_batch, PerStep):
+            raise ValueError(
+                "implicit(...) differentiates at the point the forward solve reached using the "
+                "training loss on one batch; got per_step(...) inner data, for which that batch "
+                "is ambiguous. Pass the full training batch (sample minibatches inside "
+                "bilevel.solver(fn) if the forward solve is stochastic), or use bilevel.unroll "
+                "to differentiate through per-step data."
+            )
+        self.method._check_batch(inner_batch)
+
+    def _run(self, problem, hparams, params0, batch, probe):
+        return _implicit_response(self, problem)(hparams, params0, batch, probe)
+
+
+def _implicit_response(method: Implicit, problem):
+    grad = inner_grad(problem)
+    linsolve = method.linear_solver
+
+    @jax.custom_jvp
+    def respond(hparams, params0, batch, probe):
+        del probe
+        primals = jax.lax.stop_gradient((hparams, params0, batch))
+        return method.method._run(problem, *primals, {})
+
+    def respond_jvp(primals, tangents):
+        hparams, params0, batch, probe = primals
+        d_hparams, _, d_batch, d_probe = tangents
+        # Calling `respond` (not the forward method) keeps higher derivatives on the IFT rule.
+        params, stats = respond(hparams, params0, batch, probe)
+        zero_stats = _tmap(jnp.zeros_like, stats)
+        if _all_zero((d_hparams, d_batch)):
+            return (params, stats), (_tmap(jnp.zeros_like, params), zero_stats)
+
+        d_hparams = _tmap(_instantiate, d_hparams, hparams, is_leaf=lambda x: isinstance(x, SymbolicZero))
+        d_batch = _tmap(_instantiate, d_batch, batch, is_leaf=lambda x: isinstance(x, SymbolicZero))
+        _, cross = jax.jvp(lambda h, b: grad(params, h, b), (hparams, batch), (d_hparams, d_batch))
+        rhs = _tmap(jnp.negative, cross)
+        _, hvp = jax.linearize(lambda w: grad(w, hparams, batch), params)
+
+        if _all_zero(d_probe):
+            solve = lambda mv, b: linsolve.solve(mv, b)[0]  # noqa: E731
+            d_params = jax.lax.custom_linear_solve(hvp, rhs, solve, symmetric=True)
+        else:
+            # Augmented block-diagonal system diag(H, I) (x, s) = (rhs, d_probe): the solver's
+            # stats are written into the s block, so reverse mode returns them as the
+            # probe's cotangent (see the module docstring).
+            d_probe = _tmap(_instantiate, d_probe, probe, is_leaf=lambda x: isinstance(x, SymbolicZero))
+
+            def aug_matvec(x):
+                return hvp(x[0]), x[1]
+
+            def aug_solve(mv, b):
+                x, solve_stats = linsolve.solve(lambda v: mv((v, _tmap(jnp.zeros_like, b[1])))[0], b[0])
+                return x, _tmap(lambda z, s: s.astype(z.dtype), b[1], solve_stats)
+
+            d_params, _ = jax.lax.custom_linear_solve(
+                aug_matvec, (rhs, d_probe), aug_solve, symmetric=True
+            )
+        return (params, stats), (d_params, zero_stats)
+
+    respond.defjvp(respond_jvp, symbolic_zeros=True)
+    return respond
+
+
+def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver) -> Implicit:
+    """Differentiate the inner solution by the implicit function theorem (IFT).
+
+    The forward pass runs `method` (an unroll or a user solver) to a point w. The
+    derivative treats w as a stationary point of the training loss, ∇_w L_T(w, λ) = 0, and
+    uses dw/dλ = −H⁻¹ ∂²L_T/∂w∂λ with H = ∂²L_T/∂w² at w, applying H⁻¹ with
+    `linear_solver`. Memory and cost do not depend on how many forward steps were taken.
+    The rule is a JVP with a transposable linear solve, so `jax.jvp`, `jax.grad` and
+    higher derivatives all work. The IFT is only as good as the stationarity of w:
+    `hypergrad` reports ‖∇_w L_T‖ as `stats["inner_grad_norm"]`, and the backward solve's
+    diagnostics beside it.
+
+    **Arguments:**
+
+    - `method`: a forward method from `bilevel.unroll` or `bilevel.solver`.
+    - `linear_solver`: `bilevel.exact()`, `bilevel.cg(...)`, `bilevel.gmres(...)`,
+      `bilevel.neumann(...)` or `bilevel.identity()`.
+
+    **Returns:**
+
+    A method to pass to `bilevel.response` or `bilevel.hypergrad`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    method = bl.implicit(bl.unroll(optax.sgd(0.5), steps=100), bl.cg(maxiter=20, tol=1e-10))
+    out = bl.hypergrad(problem, method)(jnp.asarray(0.3), jnp.zeros(3), None, None)
+    print(out.grad, out.stats["solve_residual"])
+    ```
+    """
+    return Implicit(method, linear_solver)
+
+
+def solver(fn: Callable) -> Solver:
+    """Use any forward solver `fn(hparams, params0, batch) -> params` as a method.
+
+    `fn` may be a closed-form solve, an optimistix or jaxopt run, or your own loop. On its
+    own the method differentiates through `fn` by ordinary autodiff; under
+    `bilevel.implicit` only its output is used and the derivative comes from the IFT, so
+    `fn` need not be differentiable at all.
+
+    **Arguments:**
+
+    - `fn`: a pure function `(hparams, params0, batch) -> params` returning a pytree with
+      the structure and shapes of `params0`.
+
+    **Returns:**
+
+    A method for `bilevel.implicit`, `bilevel.response` or `bilevel.hypergrad`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import bilevel as bl
+
+    def closed_form(lam, w0, batch):        # argmin_w 0.5|w - 1|^2 + 0.5 lam |w|^2
+        return jnp.ones_like(w0) / (1.0 + lam)
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    method = bl.implicit(bl.solver(closed_form), bl.exact())
+    out = bl.hypergrad(problem, method)(jnp.asarray(0.3), jnp.zeros(3), None, None)
+    ```
+    """
+    return Solver(fn)

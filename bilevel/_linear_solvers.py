@@ -1,0 +1,351 @@
+"""Linear solvers for the implicit function theorem: H x = b with H the inner Hessian.
+
+Each solver is an immutable settings object with `solve(matvec, b) -> (x, stats)` where
+`matvec` is a linear function on pytrees and `stats` is a dict of float scalars with the
+keys of `stats_template`. `bilevel.implicit` wraps the solve in `jax.lax.custom_linear_solve`
+so it is transposable (reverse mode) and differentiable (higher order).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from ._base import tree_norm, tree_vdot
+
+_tmap = jax.tree_util.tree_map
+
+
+def _check_number(value, name: str, where: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"{where} requires `{name}` to be a Python number; got {type(value).__name__} "
+            f"{value!r}."
+        )
+    if positive and not value > 0:
+        raise ValueError(f"{where} requires `{name}` > 0; got {name}={value}. Pass a positive value.")
+    if not positive and not value >= 0:
+        raise ValueError(
+            f"{where} requires `{name}` >= 0; got {name}={value}. Pass a non-negative value "
+            "(e.g. 1e-8)."
+        )
+    return value
+
+
+def _check_count(value, name: str, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{where} requires `{name}` to be a Python int; got {type(value).__name__} {value!r}."
+        )
+    if value < minimum:
+        raise ValueError(
+            f"{where} requires `{name}` >= {minimum}; got {name}={value}. Pass at least {minimum}."
+        )
+    return value
+
+
+def _relative_residual(matvec, x, b):
+    r = _tmap(jnp.subtract, matvec(x), b)
+    bnorm = tree_norm(b)
+    return tree_norm(r) / jnp.where(bnorm > 0, bnorm, 1.0)
+
+
+class AbstractLinearSolver(eqx.Module):
+    """A way to apply H⁻¹ (or an approximation) for the implicit function theorem."""
+
+    @abc.abstractmethod
+    def solve(self, matvec, b):
+        """Return `(x, stats)` with `x ≈ H⁻¹ b` for `H = matvec`."""
+
+    @abc.abstractmethod
+    def stats_template(self, dtype) -> dict:
+        """Zero float scalars with the keys and dtype of `solve`'s stats."""
+
+    def finalize(self, stats: dict) -> dict:
+        """Give float-carried stats their natural dtypes (counts as int, flags as bool)."""
+        out = {}
+        for key, value in stats.items():
+            if key.endswith("_iterations"):
+                value = jnp.round(value).astype(jnp.int32)
+            elif key.endswith("_diverged"):
+                value = value > 0.5
+            out[key] = value
+        return out
+
+
+def _zeros(dtype, *keys):
+    return {k: jnp.zeros((), dtype) for k in keys}
+
+
+class Exact(AbstractLinearSolver):
+    """Dense solve: materialise H and call `jnp.linalg.solve`. See `bilevel.exact`."""
+
+    def solve(self, matvec, b):
+        flat_b, unravel = ravel_pytree(b)
+        flat_mv = lambda v: ravel_pytree(matvec(unravel(v)))[0]  # noqa: E731
+        eye = jnp.eye(flat_b.size, dtype=flat_b.dtype)
+        dense = jax.vmap(flat_mv, out_axes=1)(eye)
+        x = unravel(jnp.linalg.solve(dense, flat_b))
+        residual = jnp.linalg.norm(dense @ ravel_pytree(x)[0] - flat_b)
+        bnorm = jnp.linalg.norm(flat_b)
+        return x, {"solve_residual": residual / jnp.where(bnorm > 0, bnorm, 1.0)}
+
+    def stats_template(self, dtype):
+        return _zeros(dtype, "solve_residual")
+
+
+class CG(AbstractLinearSolver):
+    """Conjugate gradient on H x = b (H symmetric positive definite). See `bilevel.cg`."""
+
+    maxiter: int = eqx.field(static=True)
+    tol: float = eqx.field(static=True)
+    atol: float = eqx.field(static=True, default=0.0)
+
+    def __check_init__(self):
+        where = "cg(maxiter, tol, atol=0.0)"
+        _check_count(self.maxiter, "maxiter", where, 1)
+        _check_number(self.tol, "tol", where, positive=False)
+        _check_number(self.atol, "atol", where, positive=False)
+
+    def solve(self, matvec, b):
+        bnorm2 = tree_vdot(b, b)
+        stop2 = jnp.maximum(self.tol**2 * bnorm2, self.atol**2)
+
+        def cond(state):
+            _, _, _, rs, k = state
+            return (k < self.maxiter) & (rs > stop2)
+
+        def body(state):
+            x, r, p, rs, k = state
+            ap = matvec(p)
+            pap = tree_vdot(p, ap)
+            alpha = rs / jnp.where(pap != 0, pap, 1.0)
+            x = _tmap(lambda xi, pi: xi + alpha * pi, x, p)
+            r = _tmap(lambda ri, ai: ri - alpha * ai, r, ap)
+            rs_new = tree_vdot(r, r)
+            beta = rs_new / jnp.where(rs != 0, rs, 1.0)
+            p = _tmap(lambda ri, pi: ri + beta * pi, r, p)
+            return x, r, p, rs_new, k + 1
+
+        x0 = _tmap(jnp.zeros_like, b)
+        init = (x0, b, b, bnorm2, jnp.zeros((), jnp.int32))
+        x, _, _, _, k = jax.lax.while_loop(cond, body, init)
+        dtype = jnp.result_type(bnorm2)
+        return x, {
+            "solve_residual": _relative_residual(matvec, x, b),
+            "solve_iterations": k.astype(dtype),
+        }
+
+    def stats_template(self, dtype):
+        return _zeros(dtype, "solve_residual", "solve_iterations")
+
+
+class GMRES(AbstractLinearSolver):
+    """Restarted GMRES for indefinite or non-symmetric H. See `bilevel.gmres`."""
+
+    maxiter: int = eqx.field(static=True)
+    tol: float = eqx.field(static=True)
+    restart: int = eqx.field(static=True, default=20)
+
+    def __check_init__(self):
+        where = "gmres(maxiter, tol, restart=20)"
+        _check_count(self.maxiter, "maxiter", where, 1)
+        _check_count(self.restart, "restart", where, 1)
+        _check_number(self.tol, "tol", where, positive=False)
+
+    def solve(self, matvec, b):
+        x, _ = jax.scipy.sparse.linalg.gmres(
+            matvec, b, tol=self.tol, atol=0.0, restart=self.restart, maxiter=self.maxiter,
+            solve_method="batched",
+        )
+        return x, {"solve_residual": _relative_residual(matvec, x, b)}
+
+    def stats_template(self, dtype):
+        return _zeros(dtype, "solve_residual")
+
+
+class Neumann(AbstractLinearSolver):
+    """Truncated Neumann series H⁻¹ ≈ α Σ_{j≤k} (I − αH)^j. See `bilevel.neumann`."""
+
+    terms: int = eqx.field(static=True)
+    alpha: float = eqx.field(static=True)
+
+    def __check_init__(self):
+        where = "neumann(terms, alpha)"
+        _check_count(self.terms, "terms", where, 0)
+        _check_number(self.alpha, "alpha", where, positive=True)
+
+    def solve(self, matvec, b):
+        first = _tmap(lambda x: self.alpha * x, b)
+        n0 = tree_norm(first)
+
+        def step(carry, _):
+            term, total, norm, max_ratio = carry
+            term = _tmap(lambda t, ht: t - self.alpha * ht, term, matvec(term))
+            new_norm = tree_norm(term)
+            ratio = new_norm / jnp.where(norm > 0, norm, 1.0)
+            max_ratio = jnp.maximum(max_ratio, jnp.where(norm > 0, ratio, 0.0))
+            return (term, _tmap(jnp.add, total, term), new_norm, max_ratio), None
+
+        init = (first, first, n0, jnp.zeros_like(n0))
+        (term, total, norm, max_ratio), _ = jax.lax.scan(step, init, None, length=self.terms)
+        finite = jnp.all(jnp.isfinite(norm)) & jnp.isfinite(tree_norm(total))
+        diverged = ~(max_ratio < 1.0) | ~finite  # written so that NaN counts as diverged
+        return total, {
+            "neumann_last_term": norm,
+            "neumann_ratio": max_ratio,
+            "neumann_diverged": diverged.astype(n0.dtype),
+        }
+
+    def stats_template(self, dtype):
+        return _zeros(dtype, "neumann_last_term", "neumann_ratio", "neumann_diverged")
+
+
+class Identity(AbstractLinearSolver):
+    """H⁻¹ ≈ I: the one-step / T1−T2 / greedy approximation. See `bilevel.identity`."""
+
+    def solve(self, matvec, b):
+        del matvec
+        return b, {}
+
+    def stats_template(self, dtype):
+        return {}
+
+
+def exact() -> Exact:
+    """Solve the implicit-function linear system exactly with a dense factorisation.
+
+    Materialises the inner Hessian (one Hessian-vector product per parameter) and solves
+    with `jnp.linalg.solve`. Exact up to rounding; for small problems (a few thousand
+    parameters) and as a reference.
+
+    **Returns:**
+
+    A linear solver for `bilevel.implicit`. Its stats: `solve_residual` (‖Hx − b‖/‖b‖).
+
+    **Example:**
+
+    ```python
+    import optax
+    import bilevel as bl
+
+    method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=500), bl.exact())
+    ```
+    """
+    return Exact()
+
+
+def cg(maxiter: int = 100, tol: float = 1e-6, *, atol: float = 0.0) -> CG:
+    """Solve the implicit-function linear system by conjugate gradient (HOAG, Pedregosa 2016).
+
+    Needs only Hessian-vector products; stops after `maxiter` iterations or when
+    ‖Hx − b‖ ≤ max(tol·‖b‖, atol). The inner Hessian must be symmetric positive definite
+    (a strict local minimum); use `bilevel.gmres` otherwise. This tolerance belongs to the
+    backward solve only and is independent of how the forward solve was stopped.
+
+    **Arguments:**
+
+    - `maxiter`: maximum number of CG iterations (Hessian-vector products), >= 1.
+    - `tol`: relative residual tolerance, >= 0.
+    - `atol`: absolute residual tolerance, >= 0.
+
+    **Returns:**
+
+    A linear solver for `bilevel.implicit`. Its stats: `solve_residual` (true relative
+    residual ‖Hx − b‖/‖b‖) and `solve_iterations`.
+
+    **Example:**
+
+    ```python
+    import optax
+    import bilevel as bl
+
+    method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=500), bl.cg(maxiter=50, tol=1e-10))
+    ```
+    """
+    return CG(maxiter, tol, atol)
+
+
+def gmres(maxiter: int = 10, tol: float = 1e-6, *, restart: int = 20) -> GMRES:
+    """Solve the implicit-function linear system by restarted GMRES.
+
+    For inner Hessians that are indefinite (a saddle point, an unconverged forward solve)
+    where CG may break down. Uses `jax.scipy.sparse.linalg.gmres`.
+
+    **Arguments:**
+
+    - `maxiter`: maximum number of restart cycles, >= 1.
+    - `tol`: relative residual tolerance, >= 0.
+    - `restart`: Krylov subspace size per cycle (Hessian-vector products per cycle), >= 1.
+
+    **Returns:**
+
+    A linear solver for `bilevel.implicit`. Its stats: `solve_residual` (‖Hx − b‖/‖b‖).
+
+    **Example:**
+
+    ```python
+    import optax
+    import bilevel as bl
+
+    method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=500), bl.gmres(maxiter=5, tol=1e-8))
+    ```
+    """
+    return GMRES(maxiter, tol, restart)
+
+
+def neumann(terms: int, alpha: float) -> Neumann:
+    """Approximate H⁻¹ by the truncated Neumann series α Σ_{j=0}^{terms} (I − αH)^j.
+
+    (Lorraine et al. 2020.) Costs `terms` Hessian-vector products. The error decays like
+    ρ^(terms+1) with ρ the spectral radius of I − αH; the series converges only when
+    ρ < 1, i.e. 0 < α < 2/λ_max(H) and H positive definite. Its stats report
+    `neumann_last_term` (norm of the last term added), `neumann_ratio` (largest ratio of
+    successive term norms, a lower bound on ρ) and `neumann_diverged`, set when a term grew
+    (which proves ρ > 1 since I − αH is symmetric) or the sum is not finite.
+
+    **Arguments:**
+
+    - `terms`: k >= 0, the highest power in the series (`terms=0` gives αI).
+    - `alpha`: step size α > 0.
+
+    **Returns:**
+
+    A linear solver for `bilevel.implicit`.
+
+    **Example:**
+
+    ```python
+    import optax
+    import bilevel as bl
+
+    method = bl.implicit(bl.unroll(optax.adam(1e-2), steps=2000), bl.neumann(terms=20, alpha=0.01))
+    ```
+    """
+    return Neumann(terms, alpha)
+
+
+def identity() -> Identity:
+    """Approximate H⁻¹ by the identity (one-step / T1−T2 / greedy hypergradient).
+
+    The hypergradient becomes ∂L_V/∂λ − (∂²L_T/∂λ∂w)ᵀ ∂L_V/∂w (Luketina et al. 2016):
+    no linear solve at all. Equivalent to `neumann(terms=0, alpha=1.0)`.
+
+    **Returns:**
+
+    A linear solver for `bilevel.implicit`.
+
+    **Example:**
+
+    ```python
+    import optax
+    import bilevel as bl
+
+    method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=100), bl.identity())
+    ```
+    """
+    return Identity()

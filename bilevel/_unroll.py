@@ -1,0 +1,263 @@
+"""Unrolled optimisation: `unroll` (forward by T optimizer steps) and `truncate`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from ._base import AbstractMethod, grad_norm_stats, inner_grad
+from ._problem import PerStep, Problem, tree_summary
+
+OptimizerLike = Union[optax.GradientTransformation, Callable]
+
+
+def _check_int(value, name: str, where: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{where} requires `{name}` to be a Python int; got {type(value).__name__} "
+            f"{value!r}. Pass a whole number, e.g. {name}={max(minimum, 1)}."
+        )
+    if value < minimum:
+        raise ValueError(
+            f"{where} requires `{name}` >= {minimum}; got {name}={value}. "
+            f"Pass a value of at least {minimum}."
+        )
+    return value
+
+
+def _slice_steps(batch, start: int, stop: int):
+    """The per-step batches for steps [start, stop), or the shared batch."""
+    if isinstance(batch, PerStep):
+        return PerStep(jax.tree_util.tree_map(lambda x: x[start:stop], batch.batches))
+    return batch
+
+
+def _segments(batch, n_seg: int, length: int):
+    """Per-step batches reshaped to (n_seg, length, ...) for a scan over segments."""
+    if isinstance(batch, PerStep):
+        return PerStep(
+            jax.tree_util.tree_map(
+                lambda x: x[: n_seg * length].reshape((n_seg, length) + x.shape[1:]),
+                batch.batches,
+            )
+        )
+    return batch
+
+
+class Unroll(AbstractMethod):
+    """T steps of an optax optimizer, differentiated exactly by autodiff. See `bilevel.unroll`."""
+
+    optimizer: OptimizerLike = eqx.field(static=True)
+    steps: int = eqx.field(static=True)
+    checkpoint: int | None = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        where = "unroll(optimizer, steps, checkpoint=...)"
+        if not isinstance(self.optimizer, optax.GradientTransformation) and not callable(
+            self.optimizer
+        ):
+            raise TypeError(
+                f"{where} requires an optax.GradientTransformation (e.g. optax.sgd(0.1)) or a "
+                "function hparams -> GradientTransformation (to make optimizer settings "
+                f"hyperparameters); got {type(self.optimizer).__name__} {self.optimizer!r}."
+            )
+        _check_int(self.steps, "steps", where, 1)
+        if self.checkpoint is not None:
+            _check_int(self.checkpoint, "checkpoint", where, 1)
+            if self.checkpoint > self.steps:
+                raise ValueError(
+                    f"{where} requires checkpoint <= steps (the segment length in steps); got "
+                    f"checkpoint={self.checkpoint} with steps={self.steps}. Use a segment "
+                    f"length near sqrt(steps), e.g. checkpoint={max(1, int(self.steps**0.5))}."
+                )
+
+    def _optimizer(self, hparams) -> optax.GradientTransformation:
+        if isinstance(self.optimizer, optax.GradientTransformation):
+            return self.optimizer
+        opt = self.optimizer(hparams)
+        if not isinstance(opt, optax.GradientTransformation):
+            raise TypeError(
+                "unroll(optimizer=fn) requires fn(hparams) to return an "
+                f"optax.GradientTransformation; it returned {type(opt).__name__}. Return e.g. "
+                "optax.sgd(hparams['lr'])."
+            )
+        return opt
+
+    def _check_batch(self, inner_batch) -> None:
+        if not isinstance(inner_batch, PerStep):
+            return
+        for leaf in jax.tree_util.tree_leaves(inner_batch.batches):
+            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != self.steps:
+                got = jnp.shape(leaf)[0] if jnp.ndim(leaf) else "a scalar"
+                raise ValueError(
+                    f"per_step(...) inner data must have leading axis == steps={self.steps} "
+                    f"(one batch per step); a leaf has leading axis {got} in "
+                    f"{tree_summary(inner_batch.batches)}. Stack exactly {self.steps} batches, "
+                    "or pass one batch without per_step(...) to reuse it at every step."
+                )
+
+    def _scan(self, problem: Problem, opt, hparams, carry, batch, n: int):
+        """Run `n` optimizer steps from `carry = (params, opt_state)` with `lax.scan`."""
+        grad = inner_grad(problem)
+        per_step = isinstance(batch, PerStep)
+
+        def step(carry, b):
+            params, state = carry
+            g = grad(params, hparams, b if per_step else batch)
+            updates, state = opt.update(g, state, params)
+            return (optax.apply_updates(params, updates), state), None
+
+        xs = batch.batches if per_step else None
+        if n == 0:
+            return carry
+        if self.checkpoint is None or self.checkpoint >= n:
+            return jax.lax.scan(step, carry, xs, length=n)[0]
+        k = self.checkpoint
+        n_seg, rem = divmod(n, k)
+
+        @jax.checkpoint
+        def segment(carry, seg):
+            return jax.lax.scan(step, carry, seg, length=k)[0], None
+
+        segs = _segments(batch, n_seg, k)
+        carry = jax.lax.scan(segment, carry, segs.batches if per_step else None, length=n_seg)[0]
+        tail = _slice_steps(batch, n_seg * k, n)
+        return jax.lax.scan(step, carry, tail.batches if per_step else None, length=rem)[0]
+
+    def _unrolled(self, problem, hparams, params0, batch, differentiate_last: int):
+        """Run all steps; gradients flow only through the last `differentiate_last` steps."""
+        opt = self._optimizer(hparams)
+        carry = (params0, opt.init(params0))
+        frozen = self.steps - differentiate_last
+        if frozen:
+            h0 = jax.lax.stop_gradient(hparams)
+            carry = self._scan(problem, self._optimizer(h0), h0, carry,
+                               _slice_steps(batch, 0, frozen), frozen)
+            carry = jax.lax.stop_gradient(carry)
+        carry = self._scan(problem, opt, hparams, carry,
+                           _slice_steps(batch, frozen, self.steps), differentiate_last)
+        params = carry[0]
+        return params, grad_norm_stats(problem, params, hparams, _last_batch(batch))
+
+    def _run(self, problem, hparams, params0, batch, probe):
+        del probe
+        return self._unrolled(problem, hparams, params0, batch, self.steps)
+
+
+def _last_batch(batch):
+    """The batch of the final step (for the stationarity diagnostic)."""
+    if isinstance(batch, PerStep):
+        return jax.tree_util.tree_map(lambda x: x[-1], batch.batches)
+    return batch
+
+
+class Truncate(AbstractMethod):
+    """Differentiate through the last K steps of an unroll only. See `bilevel.truncate`."""
+
+    method: Unroll
+    last: int = eqx.field(static=True)
+
+    def __check_init__(self):
+        if not isinstance(self.method, Unroll):
+            raise TypeError(
+                "truncate(method, last=K) requires an unrolled method, bilevel.unroll(...); got "
+                f"{type(self.method).__name__}. Truncation drops all but the last K steps of an "
+                "unroll's derivative, so it only applies to unroll: write "
+                "bilevel.truncate(bilevel.unroll(optimizer, steps), last=K)."
+            )
+        _check_int(self.last, "last", "truncate(method, last=K)", 1)
+        if self.last > self.method.steps:
+            raise ValueError(
+                "truncate(method, last=K) requires K <= the unroll's steps; got "
+                f"last={self.last} with steps={self.method.steps}. Use last <= "
+                f"{self.method.steps} (last == steps is plain unroll)."
+            )
+
+    def _check_batch(self, inner_batch) -> None:
+        self.method._check_batch(inner_batch)
+
+    def _run(self, problem, hparams, params0, batch, probe):
+        del probe
+        return self.method._unrolled(problem, hparams, params0, batch, self.last)
+
+
+def unroll(optimizer: OptimizerLike, steps: int, *, checkpoint: int | None = None) -> Unroll:
+    """Find the inner parameters by `steps` optimizer steps and differentiate through them.
+
+    The forward pass is `steps` updates of `optimizer` on the training loss, starting from
+    `params0`, run with `jax.lax.scan` so compile time does not grow with `steps`. The
+    derivative is exact automatic differentiation through every step (reverse mode stores
+    the trajectory; forward mode carries tangents). With `checkpoint=k` the steps are split
+    into segments of `k` and each segment is recomputed in the backward pass: same value and
+    gradient, memory O(steps/k + k) instead of O(steps).
+
+    **Arguments:**
+
+    - `optimizer`: an `optax.GradientTransformation`, or a function `hparams ->
+      GradientTransformation` so optimizer settings (a learning rate) can be
+      hyperparameters, e.g. `lambda h: optax.sgd(h["lr"])`.
+    - `steps`: number of inner steps, a positive int.
+    - `checkpoint`: optional segment length for rematerialisation (about `sqrt(steps)` is
+      a good choice), `1 <= checkpoint <= steps`.
+
+    **Returns:**
+
+    A method to pass to `bilevel.response`, `bilevel.hypergrad`, `bilevel.truncate` or
+    `bilevel.implicit`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    method = bl.unroll(optax.sgd(0.1), steps=200, checkpoint=20)
+    out = bl.hypergrad(problem, method)(jnp.asarray(0.3), jnp.zeros(3), None, None)
+    print(out.value, out.grad)
+    ```
+    """
+    return Unroll(optimizer, steps, checkpoint)
+
+
+def truncate(method: Unroll, *, last: int) -> Truncate:
+    """Differentiate an unroll through its last `last` steps only.
+
+    All `steps` of the unroll still run forward; the first `steps - last` are treated as
+    constants, so reverse mode stores only the last `last` steps (truncated
+    back-propagation). `last == steps` is the full unroll.
+
+    **Arguments:**
+
+    - `method`: a method built by `bilevel.unroll`.
+    - `last`: the number of final steps to differentiate through, `1 <= last <= steps`.
+
+    **Returns:**
+
+    A method to pass to `bilevel.response` or `bilevel.hypergrad`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    method = bl.truncate(bl.unroll(optax.sgd(0.1), steps=500), last=20)
+    out = bl.hypergrad(problem, method)(jnp.asarray(0.3), jnp.zeros(3), None, None)
+    ```
+    """
+    return Truncate(method, last)
