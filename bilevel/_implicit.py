@@ -166,9 +166,15 @@ def _implicit_response(method: Implicit, problem):
                 x, solve_stats = linsolve.solve(lambda v: mv((v, _tmap(jnp.zeros_like, b[1])))[0], b[0])
                 return x, _tmap(lambda z, s: s.astype(z.dtype), b[1], solve_stats)
 
-            d_params, _ = jax.lax.custom_linear_solve(
+            d_params, d_stats = jax.lax.custom_linear_solve(
                 aug_matvec, (rhs, d_probe), aug_solve, symmetric=True
             )
+            # Link the s block into the output with weight 0: numerically nothing, but its
+            # cotangent is then a linear function of the output cotangent rather than a
+            # symbolic zero, which higher-order reverse mode (transposing this solve's
+            # JVP) requires of every right-hand-side block.
+            link = 0.0 * sum(jax.tree_util.tree_leaves(d_stats))
+            d_params = _tmap(lambda t: t + link.astype(t.dtype), d_params)
         return (params, stats), (d_params, zero_stats)
 
     respond.defjvp(respond_jvp, symbolic_zeros=True)

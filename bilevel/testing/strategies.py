@@ -1,0 +1,258 @@
+"""Hypothesis strategies drawing exact bilevel problems at random within a conditioning bound.
+
+Each strategy draws an integer seed and the sizes with `hypothesis.strategies.integers` (so
+failures shrink to small problems), the default hyperparameters with
+`hypothesis.strategies.floats`, and builds the instance with the class's `sample`
+constructor. Dimensions default to 2..8 so that property tests stay fast.
+
+This module needs `hypothesis` (`pip install bilevel[testing]`); `bilevel.testing` does not.
+
+**Example:**
+
+```python
+from hypothesis import given, settings
+import bilevel.testing.strategies as bst
+
+@settings(max_examples=5, deadline=None)
+@given(bst.ridge_problems(max_dim=4))
+def test_value_is_nonnegative(exact):
+    assert exact.value(exact.hparams) >= 0
+
+test_value_is_nonnegative()
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from hypothesis import strategies as st
+
+from ._problems import (
+    Quadratic004,
+    Ridge,
+    RidgePerCoordinate,
+    UnrolledQuadratic,
+    check_int,
+    check_range,
+    check_real,
+    resolve_dtype,
+)
+
+_SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
+
+
+def _check_common(where, min_dim, max_dim, max_condition, hparams_range, above, dtype):
+    """Validate the shared strategy settings eagerly (at build time, not at draw time)."""
+    min_dim = check_int(min_dim, "min_dim", where, 1, 2)
+    max_dim = check_int(max_dim, "max_dim", where, 1, 8)
+    if max_dim < min_dim:
+        raise ValueError(
+            f"{where} requires min_dim <= max_dim; got min_dim={min_dim}, max_dim={max_dim}. "
+            "Raise max_dim or lower min_dim."
+        )
+    check_real(max_condition, "max_condition", where, low=1.0, strict=False, example=10.0)
+    check_range(hparams_range, "hparams_range", where, above=above, example="(-2.0, 1.0)")
+    resolve_dtype(dtype, where)
+    return min_dim, max_dim
+
+
+def _floats_in(bounds) -> st.SearchStrategy[float]:
+    lo, hi = (float(b) for b in bounds)
+    return st.floats(lo, hi, allow_nan=False, allow_infinity=False)
+
+
+def _regression_problems(cls, where, min_dim, max_dim, max_condition, hparams_range, dtype):
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, hparams_range,
+                                     -np.inf, dtype)
+
+    @st.composite
+    def draw(draw_):
+        dim = draw_(st.integers(min_dim, max_dim))
+        return cls.sample(
+            draw_(_SEEDS), dim=dim, n_train=draw_(st.integers(dim, 3 * dim)),
+            n_val=draw_(st.integers(1, 3 * dim)), max_condition=max_condition,
+            log_lam=draw_(_floats_in(hparams_range)), dtype=dtype,
+        )
+
+    return draw()
+
+
+def ridge_problems(
+    *, min_dim=2, max_dim=8, max_condition=10.0, hparams_range=(-2.0, 1.0), dtype=None
+) -> st.SearchStrategy[Ridge]:
+    """Draw [`bilevel.testing.Ridge`][] instances.
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the number of parameters.
+    - `max_condition`: bound `>= 1` on the inner Hessian's condition number (any λ).
+    - `hparams_range`: `(low, high)` for the default log-penalty `exact.hparams`.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `Ridge` instances (training rows in `[d, 3d]`, validation rows
+    in `[1, 3d]`).
+
+    **Example:**
+
+    ```python
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.ridge_problems(max_dim=3, max_condition=5.0))
+    def test_shape(exact):
+        assert exact.hypergrad(exact.hparams).shape == ()
+
+    test_shape()
+    ```
+    """
+    return _regression_problems(Ridge, "ridge_problems", min_dim, max_dim, max_condition,
+                                hparams_range, dtype)
+
+
+def ridge_per_coordinate_problems(
+    *, min_dim=2, max_dim=8, max_condition=10.0, hparams_range=(-2.0, 1.0), dtype=None
+) -> st.SearchStrategy[RidgePerCoordinate]:
+    """Draw [`bilevel.testing.RidgePerCoordinate`][] instances.
+
+    The default hyperparameters are one value drawn from `hparams_range`, repeated over
+    the coordinates, so the inner Hessian's condition number is `<= max_condition` there.
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the number of parameters (and hyperparameters).
+    - `max_condition`: bound `>= 1` on the condition number of `XᵀX/n`.
+    - `hparams_range`: `(low, high)` for the default log-penalties.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `RidgePerCoordinate` instances.
+
+    **Example:**
+
+    ```python
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.ridge_per_coordinate_problems(min_dim=3, max_dim=3))
+    def test_shape(exact):
+        assert exact.hypergrad(exact.hparams).shape == (3,)
+
+    test_shape()
+    ```
+    """
+    return _regression_problems(RidgePerCoordinate, "ridge_per_coordinate_problems", min_dim,
+                                max_dim, max_condition, hparams_range, dtype)
+
+
+def quadratic004_problems(
+    *, min_dim=2, max_dim=8, max_condition=10.0, lam_range=(0.2, 0.4),
+    hparams_range=(0.0, 1.0), dtype=None,
+) -> st.SearchStrategy[Quadratic004]:
+    """Draw [`bilevel.testing.Quadratic004`][] instances with λ† in `lam_range`.
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the dimension.
+    - `max_condition`: bound `>= 1` on the inner Hessian's condition number (any λ > −1).
+    - `lam_range`: `(low, high)`, `−1 < low <= high`: where the optimum λ† is drawn.
+    - `hparams_range`: `(low, high)`, `low > −1`, for the default λ `exact.hparams`.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `Quadratic004` instances.
+
+    **Example:**
+
+    ```python
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.quadratic004_problems(lam_range=(0.2, 0.4)))
+    def test_optimum_in_range(exact):
+        assert 0.2 - 1e-9 <= float(exact.optimal_hparams()) <= 0.4 + 1e-9
+
+    test_optimum_in_range()
+    ```
+    """
+    where = "quadratic004_problems"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, hparams_range,
+                                     -1.0, dtype)
+    check_range(lam_range, "lam_range", where, above=-1.0, example="(0.2, 0.4)")
+
+    @st.composite
+    def draw(draw_):
+        return Quadratic004.sample(
+            draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)), lam_range=lam_range,
+            max_condition=max_condition, lam=draw_(_floats_in(hparams_range)), dtype=dtype,
+        )
+
+    return draw()
+
+
+def unrolled_quadratic_problems(
+    *, min_steps=1, max_steps=30, min_dim=2, max_dim=8, max_condition=10.0,
+    hparams_range=(-2.0, 1.0), lr_range=(0.1, 1.9), dtype=None,
+) -> st.SearchStrategy[UnrolledQuadratic]:
+    """Draw [`bilevel.testing.UnrolledQuadratic`][] instances on which gradient descent is stable.
+
+    The step size is `lr = f / L` with `f` drawn from `lr_range` and
+    `L = max(a) + e^λ` the largest eigenvalue of the inner Hessian at the default
+    hyperparameters, so gradient descent there contracts when `lr_range` lies in `(0, 2)`.
+    Half the draws start from `w0 = 0`, the others from a random `w0`.
+
+    **Arguments:**
+
+    - `min_steps`, `max_steps`: bounds on the number of gradient steps T.
+    - `min_dim`, `max_dim`: bounds on the dimension.
+    - `max_condition`: bound `>= 1` on the inner Hessian's condition number (any λ).
+    - `hparams_range`: `(low, high)` for the default log-penalty.
+    - `lr_range`: `(low, high)` with `0 < low <= high`; the step size in units of `1/L`.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `UnrolledQuadratic` instances.
+
+    **Example:**
+
+    ```python
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.unrolled_quadratic_problems(max_steps=5))
+    def test_steps(exact):
+        assert 1 <= exact.steps <= 5
+
+    test_steps()
+    ```
+    """
+    where = "unrolled_quadratic_problems"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, hparams_range,
+                                     -np.inf, dtype)
+    min_steps = check_int(min_steps, "min_steps", where, 1, 1)
+    max_steps = check_int(max_steps, "max_steps", where, min_steps, 30)
+    check_range(lr_range, "lr_range", where, above=0.0, example="(0.1, 1.9)")
+
+    @st.composite
+    def draw(draw_):
+        exact = UnrolledQuadratic.sample(
+            draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)),
+            steps=draw_(st.integers(min_steps, max_steps)), max_condition=max_condition,
+            log_lam=draw_(_floats_in(hparams_range)), w0_scale=draw_(st.sampled_from([0.0, 1.0])),
+            dtype=dtype,
+        )
+        lipschitz = np.max(np.asarray(exact.a)) + np.exp(float(exact.log_lam))
+        lr = draw_(_floats_in(lr_range)) / lipschitz
+        return dataclasses.replace(exact, lr=np.asarray(lr, exact.dtype))
+
+    return draw()
