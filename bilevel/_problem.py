@@ -155,7 +155,8 @@ def check_loss(fn: Callable, name: str, params, hparams, batch) -> None:
     try:
         out = jax.eval_shape(fn, params, hparams, batch)
     except Exception as err:  # re-raised with the context a user needs
-        raise type(err)(
+        kind = type(err) if type(err) in (TypeError, ValueError) else ValueError
+        raise kind(
             f"Calling the {name} loss as {name}(params, hparams, batch) failed: {err}\n"
             f"params had structure {tree_summary(params)}; hparams had structure "
             f"{tree_summary(hparams)}. Check that params0 has the tree the loss expects "
