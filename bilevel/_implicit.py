@@ -43,6 +43,14 @@ class Solver(AbstractMethod):
                 f"{type(self.fn).__name__} {self.fn!r}."
             )
 
+    def _check_batch(self, inner_batch) -> None:
+        if isinstance(inner_batch, PerStep):
+            raise ValueError(
+                "solver(fn) passes the inner batch to fn whole; got per_step(...) data, which "
+                "only unroll steps through. Pass the stacked arrays without per_step(...) and "
+                "index them inside fn."
+            )
+
     def _run(self, problem, hparams, params0, batch, probe):
         del probe
         params = self.fn(hparams, params0, batch)

@@ -274,3 +274,10 @@ def test_solver_output_tree_checked():
         bl.hypergrad(PROBLEM, bl.implicit(bad, bl.cg()))(jnp.asarray(0.0), jnp.zeros(5), tr, va)
     with pytest.raises(TypeError, match="callable"):
         bl.solver(3)
+
+
+def test_solver_rejects_per_step_data():
+    tr, va = _data()
+    xs = bl.per_step((jnp.zeros((3, 40, 5)), jnp.zeros((3, 40))))
+    with pytest.raises(ValueError, match="only unroll steps through"):
+        bl.response(PROBLEM, bl.solver(_closed_form))(jnp.asarray(0.0), jnp.zeros(5), xs)
