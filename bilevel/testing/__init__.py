@@ -10,6 +10,9 @@ the losses, so a method can be checked against it at float64 precision:
 - [`bilevel.testing.UnrolledQuadratic`][]: T gradient-descent steps on a quadratic, with the
   unrolled hypergradient known exactly.
 
+[`bilevel.testing.hypergrad_error`][] and [`bilevel.testing.assert_hypergrad_close`][] compare
+any method's hypergradient with the exact one.
+
 Hypothesis strategies drawing them at random within a conditioning bound live in
 `bilevel.testing.strategies` (which needs `hypothesis`; this module does not).
 
@@ -25,6 +28,11 @@ g = exact.hypergrad(exact.hparams)
 ```
 """
 
+from ._check import (
+    assert_hypergrad_close as assert_hypergrad_close,
+    Comparison as Comparison,
+    hypergrad_error as hypergrad_error,
+)
 from ._problems import (
     AbstractExactProblem as AbstractExactProblem,
     Quadratic004 as Quadratic004,

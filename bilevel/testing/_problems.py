@@ -781,8 +781,8 @@ class Quadratic004(AbstractExactProblem):
 
     @classmethod
     def sample(
-        cls, key, *, dim=20, lam_range=(0.2, 0.4), max_condition=10.0, noise=1.0, lam=0.0,
-        dtype=None,
+        cls, key, *, dim=20, lam_range=(0.2, 0.4), max_condition=10.0,
+        response_grad_range=(3.0, 5.0), noise=1.0, lam=0.0, dtype=None,
     ) -> "Quadratic004":
         """Draw an instance whose optimum λ† is uniform in `lam_range` (exactly, no rejection).
 
@@ -790,8 +790,10 @@ class Quadratic004(AbstractExactProblem):
 
         1. `h_i` log-uniform in `[1, max_condition]`, so `cond((1 + λ) H) <= max_condition`
            for every `λ > −1`;
-        2. `θ̄ ~ N(0, I)`;
-        3. `λ† ~ U(lam_range)` and `s = 1 / (1 + λ†)`;
+        2. `λ† ~ U(lam_range)` and `s = 1 / (1 + λ†)`;
+        3. `ν ~ U(response_grad_range)` and `θ̄ = ν (1 + λ†)² u` with `u` uniform on the unit
+           sphere, so that `‖dθ*/dλ‖ = ‖θ̄‖ / (1 + λ†)² = ν` at λ† (the seed reports values
+           between 3 and 5, which matters for its clipping thresholds 2 and 5);
         4. `ξ ~ N(0, noise² I)`, and `θ̃ = s θ̄ + ξ − (θ̄ᵀHξ / θ̄ᵀHθ̄) θ̄`.
 
         The correction in step 4 makes `ξ`'s contribution H-orthogonal to `θ̄`, so
@@ -803,6 +805,8 @@ class Quadratic004(AbstractExactProblem):
         - `dim`: the dimension `d >= 1` (20 in the seed).
         - `lam_range`: `(low, high)` with `−1 < low <= high`; λ† is drawn uniformly in it.
         - `max_condition`: bound `>= 1` on the condition number of the inner Hessian.
+        - `response_grad_range`: `(low, high)` with `0 < low <= high`: where `‖dθ*/dλ‖` at
+          λ† is drawn uniformly.
         - `noise`: scale `>= 0` of the part of θ̃ not aligned with θ̄.
         - `lam`: the default hyperparameter stored in the instance.
         - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
@@ -826,14 +830,18 @@ class Quadratic004(AbstractExactProblem):
         lo, hi = check_range(lam_range, "lam_range", where, above=-1.0, example="(0.2, 0.4)")
         max_condition = check_real(max_condition, "max_condition", where, low=1.0,
                                    strict=False, example=10.0)
+        nu_lo, nu_hi = check_range(response_grad_range, "response_grad_range", where,
+                                   above=0.0, example="(3.0, 5.0)")
         noise = check_real(noise, "noise", where, low=0.0, strict=False, example=1.0)
         lam = check_real(lam, "lam", where, low=-1.0, strict=True, example=0.0)
         dt = resolve_dtype(dtype, where)
         h = _spectrum(rng, dim, max_condition)
-        theta_bar = rng.standard_normal(dim)
         s = 1.0 / (1.0 + rng.uniform(lo, hi))
+        u = rng.standard_normal(dim)
+        theta_bar = rng.uniform(nu_lo, nu_hi) / s**2 * u / np.linalg.norm(u)
         xi = noise * rng.standard_normal(dim)
-        theta_tilde = s * theta_bar + xi - (theta_bar @ (h * xi)) / (theta_bar @ (h * theta_bar)) * theta_bar
+        hb = h * theta_bar
+        theta_tilde = s * theta_bar + xi - (hb @ xi) / (hb @ theta_bar) * theta_bar
         return cls(*(jnp.asarray(a, dt) for a in (theta_bar, theta_tilde, h, lam)))
 
     @property
@@ -959,7 +967,7 @@ class UnrolledQuadratic(AbstractExactProblem):
 
     def __init__(self, Q, a, b, C, e, lr, steps, w0=None, log_lam=0.0):
         where = "UnrolledQuadratic"
-        w0 = jnp.zeros(jnp.shape(b), jnp.result_type(b)) if w0 is None else w0
+        w0 = np.zeros(np.shape(b), np.int8) if w0 is None else w0  # int: takes b's float dtype
         Q, a, b, C, e, lr, w0, log_lam = _floats(Q, a, b, C, e, lr, w0, log_lam)
         d = b.shape[0] if b.ndim == 1 else -1
         ok = (d >= 1 and Q.shape == (d, d) and a.shape == (d,) and w0.shape == (d,)
