@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from ._base import AbstractMethod
-from ._problem import PerStep, Problem, check_hparams, check_loss
+from ._implicit import Implicit, Solver
+from ._problem import PerStep, Problem, check_hparams, check_loss, tree_summary
 
 PyTree = Any
 
@@ -67,6 +69,31 @@ def _probe_dtype(params0):
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
 
 
+def _split_params(problem: Problem, method: AbstractMethod, params0):
+    """Separate params0's floating-point arrays (optimised) from other leaves (held fixed).
+
+    Returns the problem seen as a function of the array part, that part, and a function
+    putting a solution back together. Non-array leaves (an activation function in an
+    equinox module, a string) pass through untouched; when there are none, nothing changes.
+    """
+    arrays, rest = eqx.partition(params0, eqx.is_inexact_array)
+    if not jax.tree_util.tree_leaves(rest):
+        return problem, params0, lambda params: params
+    if isinstance(method, Solver) or (isinstance(method, Implicit) and isinstance(method.method, Solver)):
+        raise TypeError(
+            "solver(fn) with params0 holding non-array leaves "
+            f"({tree_summary(rest)}) is not supported: fn would have to accept and return "
+            "params without them. Mark such fields static (eqx.field(static=True)) or use "
+            "bilevel.unroll as the forward method."
+        )
+    full = lambda params: eqx.combine(params, rest)  # noqa: E731
+    split = Problem(
+        inner=lambda w, h, b: problem.inner(full(w), h, b),
+        outer=lambda w, h, b: problem.outer(full(w), h, b),
+    )
+    return split, arrays, full
+
+
 def response(problem: Problem, method: AbstractMethod) -> Callable:
     """Compile a method against a problem into the response function w(λ).
 
@@ -104,8 +131,9 @@ def response(problem: Problem, method: AbstractMethod) -> Callable:
 
     def respond(hparams, params0, inner_batch):
         _check_call(problem, method, hparams, params0, inner_batch)
-        params, _ = method._run(problem, hparams, params0, inner_batch, method._probe(_probe_dtype(params0)))
-        return params
+        split, arrays, full = _split_params(problem, method, params0)
+        params, _ = method._run(split, hparams, arrays, inner_batch, method._probe(_probe_dtype(arrays)))
+        return full(params)
 
     return respond
 
@@ -150,16 +178,17 @@ def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
 
     def hg(hparams, params0, inner_batch, outer_batch):
         _check_call(problem, method, hparams, params0, inner_batch, outer_batch, outer=True)
+        split, arrays, full = _split_params(problem, method, params0)
 
         def loss(h, probe):
-            params, stats = method._run(problem, h, params0, inner_batch, probe)
-            return problem.outer(params, h, outer_batch), (params, stats)
+            params, stats = method._run(split, h, arrays, inner_batch, probe)
+            return split.outer(params, h, outer_batch), (params, stats)
 
-        probe = method._probe(_probe_dtype(params0))
+        probe = method._probe(_probe_dtype(arrays))
         (value, (params, stats)), (grad, solve_stats) = jax.value_and_grad(
             loss, argnums=(0, 1), has_aux=True
         )(hparams, probe)
         stats = {**stats, **method._finalize(solve_stats)}
-        return HypergradResult(value, grad, params, stats)
+        return HypergradResult(value, grad, full(params), stats)
 
     return hg

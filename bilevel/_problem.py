@@ -153,7 +153,7 @@ def check_hparams(hparams: PyTree, where: str) -> None:
 def check_loss(fn: Callable, name: str, params, hparams, batch) -> None:
     """Check at trace time that `fn(params, hparams, batch)` runs and returns a float scalar."""
     try:
-        out = jax.eval_shape(fn, params, hparams, batch)
+        out = eqx.filter_eval_shape(fn, params, hparams, batch)
     except Exception as err:  # re-raised with the context a user needs
         kind = type(err) if type(err) in (TypeError, ValueError) else ValueError
         raise kind(

@@ -91,3 +91,16 @@ def test_per_step_requires_arrays_with_step_axis():
         bl.per_step(None)
     with pytest.raises(ValueError, match="leading step axis"):
         bl.per_step({"x": jnp.asarray(1.0)})
+
+
+def test_solver_with_non_array_params_leaves_rejected():
+    import equinox as eqx
+
+    class Model(eqx.Module):
+        a: jnp.ndarray
+        act: object
+
+    p = bl.Problem(lambda m, lam, b: _inner({"a": m.a}, lam, b), lambda m, lam, b: _outer({"a": m.a}, lam, b))
+    method = bl.implicit(bl.solver(lambda h, w0, b: w0), bl.cg())
+    with pytest.raises(TypeError, match=r"(?s)non-array leaves.*static"):
+        bl.hypergrad(p, method)(jnp.asarray(0.1), Model(jnp.zeros(3), jnp.tanh), None, None)

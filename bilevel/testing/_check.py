@@ -25,6 +25,7 @@ class Comparison(NamedTuple):
     - `grad`: the method's hypergradient.
     - `expected`: the exact target it is compared with.
     - `error`: ‖grad − expected‖ / ‖expected‖ (absolute error if `expected` is zero).
+    - `abs_error`: ‖grad − expected‖.
     - `target`: which exact quantity was used: `"ift"`, `"unrolled"` or `"identity"`.
     - `stats`: the method's diagnostics.
     """
@@ -32,6 +33,7 @@ class Comparison(NamedTuple):
     grad: object
     expected: object
     error: jax.Array
+    abs_error: jax.Array
     target: str
     stats: dict
 
@@ -119,7 +121,7 @@ def hypergrad_error(
     diff = tree_norm(jax.tree_util.tree_map(jnp.subtract, out.grad, expected))
     scale = tree_norm(expected)
     error = jnp.where(scale > 0, diff / jnp.where(scale > 0, scale, 1.0), diff)
-    return Comparison(out.grad, expected, error, target, out.stats)
+    return Comparison(out.grad, expected, error, diff, target, out.stats)
 
 
 def assert_hypergrad_close(
@@ -128,9 +130,10 @@ def assert_hypergrad_close(
     hparams=None,
     *,
     rtol: float,
+    atol: float = 0.0,
     target: str = "auto",
 ) -> Comparison:
-    """Assert that `method`'s hypergradient on `exact` is within `rtol` of the exact value.
+    """Assert ‖grad − exact‖ ≤ atol + rtol·‖exact‖ for `method`'s hypergradient on `exact`.
 
     For use in your own (property-based) test suites. See `hypergrad_error` for how the
     target is chosen.
@@ -139,6 +142,8 @@ def assert_hypergrad_close(
 
     - `method`, `exact`, `hparams`, `target`: as for `hypergrad_error`.
     - `rtol`: the largest accepted relative error, > 0.
+    - `atol`: an absolute allowance, >= 0, for exact values at or near zero (e.g. one
+      gradient step from `w0 = 0`, where the unrolled hypergradient is exactly 0).
 
     **Returns:**
 
@@ -161,11 +166,15 @@ def assert_hypergrad_close(
     """
     if not (isinstance(rtol, (int, float)) and rtol > 0):
         raise ValueError(f"assert_hypergrad_close requires rtol > 0; got rtol={rtol!r}.")
+    if not (isinstance(atol, (int, float)) and atol >= 0):
+        raise ValueError(f"assert_hypergrad_close requires atol >= 0; got atol={atol!r}.")
     cmp = hypergrad_error(method, exact, hparams, target=target)
-    if not bool(cmp.error <= rtol):
+    scale = tree_norm(cmp.expected)
+    if not bool(cmp.abs_error <= atol + rtol * scale):
         raise AssertionError(
             f"{type(method).__name__} hypergradient differs from the exact {cmp.target} value on "
-            f"{type(exact).__name__}: relative error {float(cmp.error):.3e} > rtol={rtol:.1e}.\n"
+            f"{type(exact).__name__}: relative error {float(cmp.error):.3e} (absolute {float(cmp.abs_error):.3e}) exceeds "
+            f"rtol={rtol:.1e}, atol={atol:.1e}.\n"
             f"got:      {cmp.grad}\nexpected: {cmp.expected}\nstats: {cmp.stats}"
         )
     return cmp
