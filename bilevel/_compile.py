@@ -64,6 +64,37 @@ def _check_call(problem, method, hparams, params0, inner_batch, outer_batch=None
         check_loss(problem.outer, "outer", params0, hparams, outer_batch)
 
 
+def _varying_axes(leaf) -> set:
+    """The manual mesh axes a value varies over (`shard_map`); empty elsewhere."""
+    aval = jax.typeof(leaf)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9 keeps them here ...
+    if mat is not None:
+        return set(mat.varying)
+    return set(getattr(aval, "vma", ()))  # ... earlier versions as `vma`
+
+
+def _vary_like(tree, *references):
+    """Inside `shard_map`, mark `tree`'s leaves as varying over the mesh axes the references vary over.
+
+    Under `shard_map` (with its default `check_vma=True`) a replicated `params0` is
+    device-invariant while the losses vary with sharded hyperparameters or data; JAX then
+    sums the gradient with respect to the invariant params over devices, so every inner
+    step would be wrong. Casting params0 (and the stats probe) to varying first keeps each
+    device's computation its own. Outside `shard_map` this does nothing.
+    """
+    axes = set()
+    for leaf in jax.tree_util.tree_leaves(references):
+        axes |= _varying_axes(leaf)
+    if not axes:
+        return tree
+
+    def cast(leaf):
+        missing = tuple(sorted(axes - _varying_axes(leaf)))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree_util.tree_map(cast, tree)
+
+
 def _probe_dtype(params0):
     leaves = [x for x in jax.tree_util.tree_leaves(params0) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     return jnp.result_type(*leaves) if leaves else jnp.result_type(float)
@@ -132,7 +163,9 @@ def response(problem: Problem, method: AbstractMethod) -> Callable:
     def respond(hparams, params0, inner_batch):
         _check_call(problem, method, hparams, params0, inner_batch)
         split, arrays, full = _split_params(problem, method, params0)
-        params, _ = method._run(split, hparams, arrays, inner_batch, method._probe(_probe_dtype(arrays)))
+        arrays = _vary_like(arrays, hparams, inner_batch)
+        probe = _vary_like(method._probe(_probe_dtype(arrays)), hparams, inner_batch)
+        params, _ = method._run(split, hparams, arrays, inner_batch, probe)
         return full(params)
 
     return respond
@@ -179,12 +212,13 @@ def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
     def hg(hparams, params0, inner_batch, outer_batch):
         _check_call(problem, method, hparams, params0, inner_batch, outer_batch, outer=True)
         split, arrays, full = _split_params(problem, method, params0)
+        arrays = _vary_like(arrays, hparams, inner_batch, outer_batch)
 
         def loss(h, probe):
             params, stats = method._run(split, h, arrays, inner_batch, probe)
             return split.outer(params, h, outer_batch), (params, stats)
 
-        probe = method._probe(_probe_dtype(arrays))
+        probe = _vary_like(method._probe(_probe_dtype(arrays)), hparams, inner_batch, outer_batch)
         (value, (params, stats)), (grad, solve_stats) = jax.value_and_grad(
             loss, argnums=(0, 1), has_aux=True
         )(hparams, probe)

@@ -485,20 +485,6 @@ def _shard_mapped(hg, check_vma=True):
     )
 
 
-VMA_PSUM = (
-    "library bug: inside shard_map (check_vma=True, the default) the inner gradient "
-    "jax.grad(problem.inner) is taken w.r.t. params0, which is device-invariant (replicated), "
-    "while the loss is device-varying (hparams are sharded); JAX's varying-manual-axes rules "
-    "then psum that gradient over the mesh, so every GD step uses the sum of 8 devices' "
-    "gradients: the forward pass silently diverges (values ~1e22 instead of O(1)). Fix: pcast "
-    "params0 (and the optimizer state) to the vma of hparams/batch before stepping."
-)
-PROBE_PSUM = (
-    "library bug: under shard_map (check_vma=True) the backward-solve stats travel as the "
-    "cotangent of a probe created device-invariant, so they are psummed over the 8 devices "
-    "(solve_iterations 8x, neumann_ratio/last_term/residual wrong); the hypergradient itself "
-    "is right."
-)
 DENSE_VMA = (
     "library bug: under shard_map (check_vma=True) with device-varying params, "
     "{what}"
@@ -513,17 +499,6 @@ GMRES_VMA = DENSE_VMA.format(
     "zeros while the body makes them varying: TypeError 'while_loop body function carry "
     "input and carry output must have equal types'."
 )
-SHARD_MAP_XFAIL = {
-    "unroll": VMA_PSUM,
-    "unroll_ckpt": VMA_PSUM,
-    "truncate": VMA_PSUM,
-    "implicit_exact": VMA_PSUM,
-    "implicit_cg": VMA_PSUM,
-    "implicit_gmres": VMA_PSUM,
-    "implicit_neumann": VMA_PSUM,
-    "implicit_identity": VMA_PSUM,
-    "implicit_solver_cg": PROBE_PSUM,
-}
 
 
 def _check_population(out, name, hs):
@@ -536,11 +511,14 @@ def _check_population(out, name, hs):
 @pytest.mark.parametrize(
     "name",
     case_params(
-        ["unroll", "truncate", "implicit_cg", "solver", "implicit_solver_cg"], xfail=SHARD_MAP_XFAIL
+        ["unroll", "truncate", "implicit_cg", "solver", "implicit_solver_cg"]
     ),
 )
 def test_shard_map_population(name):
-    """The natural code: replicated params0 and data, a sharded population of 16 hparams."""
+    """The natural code: replicated params0 and data, a sharded population of 16 hparams.
+
+    Default check_vma=True: hypergrad casts params0 and the stats probe to varying, else
+    JAX would sum the inner gradient (and the stats) over devices."""
     hg = bl.hypergrad(PROBLEM, CASES[name].method)
     out = _shard_mapped(hg)(jnp.asarray(POP16), jnp.asarray(W0), TRAIN, VAL)
     _check_population(out, name, POP16)
