@@ -451,7 +451,54 @@ class AbstractExactProblem(eqx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class Ridge(AbstractExactProblem):
+class _AbstractRidge(AbstractExactProblem):
+    """What `Ridge` and `RidgePerCoordinate` share: data, losses, response and Hessian.
+
+    The penalty `e^λ` is a scalar (`Ridge`) or one per coordinate (`RidgePerCoordinate`);
+    `_cast` gives it the right shape, and the formulas broadcast over it.
+    """
+
+    X: Array
+    y: Array
+    Xv: Array
+    yv: Array
+    log_lam: Array
+
+    @property
+    def problem(self) -> Problem:
+        return _RIDGE_PROBLEM
+
+    @property
+    def hparams(self) -> Array:
+        return self.log_lam
+
+    @property
+    def params0(self) -> Array:
+        return jnp.zeros(self.X.shape[1], self.dtype)
+
+    @property
+    def inner_batch(self):
+        return (self.X, self.y)
+
+    @property
+    def outer_batch(self):
+        return (self.Xv, self.yv)
+
+    @property
+    def dtype(self):
+        return self.X.dtype
+
+    def response(self, hparams):
+        """`w*(λ) = (XᵀX/n + diag(e^λ))⁻¹ Xᵀy/n`; see [`AbstractExactProblem.response`][]."""
+        rho = jnp.exp(self._cast(hparams))
+        return _ridge_solution(self.X, self.y, self.Xv, self.yv, rho)[1]
+
+    def hessian(self, hparams):
+        """`XᵀX/n + diag(e^λ)`; see [`AbstractExactProblem.hessian`][]."""
+        return _ridge_hessian(self.X, jnp.exp(self._cast(hparams)))
+
+
+class Ridge(_AbstractRidge):
     """Ridge regression with one log-penalty: the classic hyperparameter-tuning problem.
 
         L_T(w, λ) = 1/(2n)‖Xw − y‖² + ½ e^λ ‖w‖²        L_V(w, λ) = 1/(2m)‖Xv w − yv‖²
@@ -482,12 +529,6 @@ class Ridge(AbstractExactProblem):
     gs = jax.vmap(exact.hypergrad)(jnp.linspace(-2.0, 1.0, 5))   # many λ at once
     ```
     """
-
-    X: Array
-    y: Array
-    Xv: Array
-    yv: Array
-    log_lam: Array
 
     def __init__(self, X, y, Xv, yv, log_lam=0.0):
         X, y, Xv, yv, log_lam = _floats(X, y, Xv, yv, log_lam)
@@ -543,41 +584,9 @@ class Ridge(AbstractExactProblem):
         X, y, Xv, yv = _sample_regression(rng, dim, n_train, n_val, max_condition, noise)
         return cls(*(jnp.asarray(a, dt) for a in (X, y, Xv, yv, log_lam)))
 
-    @property
-    def problem(self) -> Problem:
-        return _RIDGE_PROBLEM
-
-    @property
-    def hparams(self) -> Array:
-        return self.log_lam
-
-    @property
-    def params0(self) -> Array:
-        return jnp.zeros(self.X.shape[1], self.dtype)
-
-    @property
-    def inner_batch(self):
-        return (self.X, self.y)
-
-    @property
-    def outer_batch(self):
-        return (self.Xv, self.yv)
-
-    @property
-    def dtype(self):
-        return self.X.dtype
 
     def _cast(self, hparams):
         return _cast_hparams(hparams, (), self.dtype, "Ridge", "a scalar log-penalty log λ")
-
-    def response(self, hparams):
-        """`w*(λ) = (XᵀX/n + e^λ I)⁻¹ Xᵀy/n`; see [`AbstractExactProblem.response`][]."""
-        rho = jnp.exp(self._cast(hparams))
-        return _ridge_solution(self.X, self.y, self.Xv, self.yv, rho)[1]
-
-    def hessian(self, hparams):
-        """`XᵀX/n + e^λ I`; see [`AbstractExactProblem.hessian`][]."""
-        return _ridge_hessian(self.X, jnp.exp(self._cast(hparams)))
 
     def hypergrad(self, hparams):
         """`−e^λ w*ᵀ H⁻¹ Xvᵀ(Xv w* − yv)/m`; see [`AbstractExactProblem.hypergrad`][]."""
@@ -590,7 +599,7 @@ class Ridge(AbstractExactProblem):
         return jnp.sum(_ridge_coordinate_identity(self.X, self.y, self.Xv, self.yv, rho))
 
 
-class RidgePerCoordinate(AbstractExactProblem):
+class RidgePerCoordinate(_AbstractRidge):
     """Ridge regression with one log-penalty per coordinate (a `d`-dimensional λ).
 
         L_T(w, λ) = 1/(2n)‖Xw − y‖² + ½ Σ_i e^{λ_i} w_i²      L_V(w, λ) = 1/(2m)‖Xv w − yv‖²
@@ -617,12 +626,6 @@ class RidgePerCoordinate(AbstractExactProblem):
     assert g.shape == (4,)
     ```
     """
-
-    X: Array
-    y: Array
-    Xv: Array
-    yv: Array
-    log_lam: Array
 
     def __init__(self, X, y, Xv, yv, log_lam=0.0):
         X, y, Xv, yv, log_lam = _floats(X, y, Xv, yv, log_lam)
@@ -682,43 +685,11 @@ class RidgePerCoordinate(AbstractExactProblem):
         X, y, Xv, yv = _sample_regression(rng, dim, n_train, n_val, max_condition, noise)
         return cls(*(jnp.asarray(a, dt) for a in (X, y, Xv, yv, lam)))
 
-    @property
-    def problem(self) -> Problem:
-        return _RIDGE_PROBLEM
-
-    @property
-    def hparams(self) -> Array:
-        return self.log_lam
-
-    @property
-    def params0(self) -> Array:
-        return jnp.zeros(self.X.shape[1], self.dtype)
-
-    @property
-    def inner_batch(self):
-        return (self.X, self.y)
-
-    @property
-    def outer_batch(self):
-        return (self.Xv, self.yv)
-
-    @property
-    def dtype(self):
-        return self.X.dtype
 
     def _cast(self, hparams):
         d = self.X.shape[1]
         return _cast_hparams(hparams, (d,), self.dtype, "RidgePerCoordinate",
                              f"one log-penalty per coordinate, {d} in all")
-
-    def response(self, hparams):
-        """`(XᵀX/n + diag(e^λ))⁻¹ Xᵀy/n`; see [`AbstractExactProblem.response`][]."""
-        rho = jnp.exp(self._cast(hparams))
-        return _ridge_solution(self.X, self.y, self.Xv, self.yv, rho)[1]
-
-    def hessian(self, hparams):
-        """`XᵀX/n + diag(e^λ)`; see [`AbstractExactProblem.hessian`][]."""
-        return _ridge_hessian(self.X, jnp.exp(self._cast(hparams)))
 
     def hypergrad(self, hparams):
         """`−e^{λ_i} w*_i (H⁻¹ ∂L_V/∂w)_i`; see [`AbstractExactProblem.hypergrad`][]."""
