@@ -14,6 +14,7 @@ from ._compile import (
     hypergrad as hypergrad,
     response as response,
 )
+from ._forward import ForwardMode as ForwardMode, forward_mode as forward_mode
 from ._implicit import (
     Implicit as Implicit,
     Solver as Solver,

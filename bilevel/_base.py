@@ -68,3 +68,34 @@ def grad_norm_stats(problem: Problem, params, hparams, batch) -> Stats:
     """The stationarity residual ‖∇_w L_T‖ at the point reached (not differentiated)."""
     g = inner_grad(problem)(*jax.lax.stop_gradient((params, hparams, batch)))
     return {"inner_grad_norm": tree_norm(g)}
+
+
+def varying_axes(leaf) -> set:
+    """The manual mesh axes a value varies over (`shard_map`); empty elsewhere."""
+    aval = jax.typeof(leaf)
+    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9 keeps them here ...
+    if mat is not None:
+        return set(mat.varying)
+    return set(getattr(aval, "vma", ()))  # ... earlier versions as `vma`
+
+
+def vary_like(tree, *references):
+    """Inside `shard_map`, mark `tree`'s leaves as varying over the mesh axes the references vary over.
+
+    Under `shard_map` (with its default `check_vma=True`) a replicated `params0` is
+    device-invariant while the losses vary with sharded hyperparameters or data; JAX then
+    sums the gradient with respect to the invariant params over devices, so every inner
+    step would be wrong. Casting params0 (and the stats probe) to varying first keeps each
+    device's computation its own. Outside `shard_map` this does nothing.
+    """
+    axes = set()
+    for leaf in jax.tree_util.tree_leaves(references):
+        axes |= varying_axes(leaf)
+    if not axes:
+        return tree
+
+    def cast(leaf):
+        missing = tuple(sorted(axes - varying_axes(leaf)))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree_util.tree_map(cast, tree)

@@ -9,7 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from ._base import AbstractMethod
+from ._base import AbstractMethod, vary_like as _vary_like
 from ._implicit import Implicit, Solver
 from ._problem import PerStep, Problem, check_hparams, check_loss, tree_summary
 
@@ -62,37 +62,6 @@ def _check_call(problem, method, hparams, params0, inner_batch, outer_batch=None
     check_loss(problem.inner, "inner", params0, hparams, _first_batch(inner_batch))
     if outer:
         check_loss(problem.outer, "outer", params0, hparams, outer_batch)
-
-
-def _varying_axes(leaf) -> set:
-    """The manual mesh axes a value varies over (`shard_map`); empty elsewhere."""
-    aval = jax.typeof(leaf)
-    mat = getattr(aval, "manual_axis_type", None)  # jax >= 0.9 keeps them here ...
-    if mat is not None:
-        return set(mat.varying)
-    return set(getattr(aval, "vma", ()))  # ... earlier versions as `vma`
-
-
-def _vary_like(tree, *references):
-    """Inside `shard_map`, mark `tree`'s leaves as varying over the mesh axes the references vary over.
-
-    Under `shard_map` (with its default `check_vma=True`) a replicated `params0` is
-    device-invariant while the losses vary with sharded hyperparameters or data; JAX then
-    sums the gradient with respect to the invariant params over devices, so every inner
-    step would be wrong. Casting params0 (and the stats probe) to varying first keeps each
-    device's computation its own. Outside `shard_map` this does nothing.
-    """
-    axes = set()
-    for leaf in jax.tree_util.tree_leaves(references):
-        axes |= _varying_axes(leaf)
-    if not axes:
-        return tree
-
-    def cast(leaf):
-        missing = tuple(sorted(axes - _varying_axes(leaf)))
-        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
-
-    return jax.tree_util.tree_map(cast, tree)
 
 
 def _probe_dtype(params0):

@@ -235,6 +235,7 @@ def make_cases(steps):
         "unroll": Case("unroll", u, ref_unroll(steps)),
         "unroll_ckpt": Case("unroll_ckpt", bl.unroll(sgd, steps, checkpoint=ck), ref_unroll(steps)),
         "truncate": Case("truncate", bl.truncate(u, last=TRUNC), ref_unroll(steps, frozen=steps - TRUNC)),
+        "forward": Case("forward", bl.forward_mode(u), ref_unroll(steps)),
         "implicit_exact": Case("implicit_exact", bl.implicit(u, bl.exact()), ref_implicit(steps, "exact")),
         # CG/GMRES on a 4×4 SPD system reach the 1e-13 tolerance in ≤ 4 iterations, so their
         # result equals the dense solve to ~cond(H)·1e-13 ≪ 1e-9.
@@ -260,12 +261,12 @@ def make_cases(steps):
 CASES_BY_STEPS = {n: make_cases(n) for n in (STEPS, CONVERGED, SHORT)}
 CASES = CASES_BY_STEPS[STEPS]
 ALL = [n for n in CASES if n != "implicit_solver_cg"]  # the methods named in the design
-UNROLLED = ["unroll", "unroll_ckpt", "truncate"]
+UNROLLED = ["unroll", "unroll_ckpt", "truncate", "forward"]
 # Each compiled program costs ~0.3-1 s to build, so jit, vmap over hparams, jvp and float32 run
 # every method, and the other transforms a representative set: a scan (with checkpointing),
 # truncation (stop_gradient), the custom_jvp + custom_linear_solve rule with a while_loop solver
 # (cg) and a dense one (exact), and a user forward solver.
-SHARDED = ["unroll_ckpt", "truncate", "implicit_exact", "implicit_cg", "implicit_solver_cg"]
+SHARDED = ["unroll_ckpt", "truncate", "forward", "implicit_exact", "implicit_cg", "implicit_solver_cg"]
 
 
 def case_params(names, xfail=None):
@@ -511,7 +512,7 @@ def _check_population(out, name, hs):
 @pytest.mark.parametrize(
     "name",
     case_params(
-        ["unroll", "truncate", "implicit_cg", "solver", "implicit_solver_cg"]
+        ["unroll", "truncate", "forward", "implicit_cg", "solver", "implicit_solver_cg"]
     ),
 )
 def test_shard_map_population(name):
@@ -602,7 +603,7 @@ def _hyper_hessian_ref(name, lam):
     return jax.hessian(exact_objective)(lam)
 
 
-HYPERHYPER = ["unroll", "unroll_ckpt", "truncate", "implicit_exact", "implicit_cg"]
+HYPERHYPER = ["unroll", "unroll_ckpt", "truncate", "forward", "implicit_exact", "implicit_cg"]
 
 
 @pytest.mark.parametrize("name", HYPERHYPER)

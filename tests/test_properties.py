@@ -110,6 +110,8 @@ METHOD_FACTORIES = {
     "unroll": lambda f: f,
     "checkpoint": lambda f: bl.unroll(f.optimizer, f.steps, checkpoint=25),
     "truncate": lambda f: bl.truncate(f, last=30),
+    "forward": lambda f: bl.forward_mode(f),
+    "forward_clip": lambda f: bl.forward_mode(f, clip=0.5),
     "exact": lambda f: bl.implicit(f, bl.exact()),
     "cg": lambda f: bl.implicit(f, bl.cg(maxiter=50, tol=1e-12)),
     "gmres": lambda f: bl.implicit(f, bl.gmres(maxiter=5, tol=1e-12)),
