@@ -34,6 +34,7 @@ from ._linear_solvers import (
     identity as identity,
     neumann as neumann,
 )
+from ._online import Online as Online, OnlineInfo as OnlineInfo, OnlineState as OnlineState, online as online
 from ._problem import PerStep as PerStep, Problem as Problem, per_step as per_step
 from ._unroll import Truncate as Truncate, Unroll as Unroll, truncate as truncate, unroll as unroll
 

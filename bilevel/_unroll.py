@@ -30,6 +30,30 @@ def _check_int(value, name: str, where: str, minimum: int) -> int:
     return value
 
 
+def check_optimizer(optimizer, name: str, where: str) -> None:
+    """Raise unless `optimizer` is a GradientTransformation or a function of the hparams."""
+    if not isinstance(optimizer, optax.GradientTransformation) and not callable(optimizer):
+        raise TypeError(
+            f"{where} requires `{name}` to be an optax.GradientTransformation (e.g. "
+            "optax.sgd(0.1)) or a function hparams -> GradientTransformation (to make optimizer "
+            f"settings hyperparameters); got {type(optimizer).__name__} {optimizer!r}."
+        )
+
+
+def optimizer_at(optimizer: OptimizerLike, hparams) -> optax.GradientTransformation:
+    """The optimizer itself, or `optimizer(hparams)` when it is a function of the hparams."""
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    opt = optimizer(hparams)
+    if not isinstance(opt, optax.GradientTransformation):
+        raise TypeError(
+            "An optimizer given as a function fn(hparams) must return an "
+            f"optax.GradientTransformation; it returned {type(opt).__name__}. Return e.g. "
+            "optax.sgd(hparams['lr'])."
+        )
+    return opt
+
+
 def _slice_steps(batch, start: int, stop: int):
     """The per-step batches for steps [start, stop), or the shared batch."""
     if isinstance(batch, PerStep):
@@ -58,14 +82,7 @@ class Unroll(AbstractMethod):
 
     def __check_init__(self):
         where = "unroll(optimizer, steps, checkpoint=...)"
-        if not isinstance(self.optimizer, optax.GradientTransformation) and not callable(
-            self.optimizer
-        ):
-            raise TypeError(
-                f"{where} requires an optax.GradientTransformation (e.g. optax.sgd(0.1)) or a "
-                "function hparams -> GradientTransformation (to make optimizer settings "
-                f"hyperparameters); got {type(self.optimizer).__name__} {self.optimizer!r}."
-            )
+        check_optimizer(self.optimizer, "optimizer", where)
         _check_int(self.steps, "steps", where, 1)
         if self.checkpoint is not None:
             _check_int(self.checkpoint, "checkpoint", where, 1)
@@ -77,16 +94,7 @@ class Unroll(AbstractMethod):
                 )
 
     def _optimizer(self, hparams) -> optax.GradientTransformation:
-        if isinstance(self.optimizer, optax.GradientTransformation):
-            return self.optimizer
-        opt = self.optimizer(hparams)
-        if not isinstance(opt, optax.GradientTransformation):
-            raise TypeError(
-                "unroll(optimizer=fn) requires fn(hparams) to return an "
-                f"optax.GradientTransformation; it returned {type(opt).__name__}. Return e.g. "
-                "optax.sgd(hparams['lr'])."
-            )
-        return opt
+        return optimizer_at(self.optimizer, hparams)
 
     def _check_batch(self, inner_batch) -> None:
         if not isinstance(inner_batch, PerStep):
