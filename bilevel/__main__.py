@@ -22,6 +22,7 @@ def _methods(steps: int, lr: float):
         "unroll": forward,
         "unroll(checkpoint)": bl.unroll(optax.sgd(lr), steps=steps, checkpoint=max(1, int(steps**0.5))),
         "truncate(last=50)": bl.truncate(forward, last=min(50, steps)),
+        "forward_mode": bl.forward_mode(forward),
         "implicit(exact)": bl.implicit(forward, bl.exact()),
         "implicit(cg)": bl.implicit(forward, bl.cg(maxiter=100, tol=1e-10)),
         "implicit(gmres)": bl.implicit(forward, bl.gmres(maxiter=5, tol=1e-10)),

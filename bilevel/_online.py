@@ -292,14 +292,14 @@ def online(
     | paper | settings | y | λ moves |
     |---|---|---|---|
     | UnrollK (Franceschi et al.) | `window=K` | carried K steps, then reset to 0 | every K steps |
-    | Unroll1 | `window=1` | −η ∂g_T/∂λ (SGD) | every step |
-    | Unroll1-gTgV (Luketina et al.) | `first_order=True` | −∂g_T/∂λ (no η) | every step |
+    | Unroll1 | `window=1` | `−η ∂g_T/∂λ` (SGD) | every step |
+    | Unroll1-gTgV (Luketina et al.) | `first_order=True` | `−∂g_T/∂λ` (no η) | every step |
     | Clip-r (Algorithm 1) | `clip=r, warmup=W` | carried, projected on the ball of radius r | every step after W |
 
-    The hypergradient estimate at step t is ⟨∇_θ L_V(θ_{t+1}), y_{t+1}⟩ + ∂L_V/∂λ, the
-    derivative of L_V(θ_{t+1}) through the carried Jacobian (Algorithm 1 writes y_t beside
-    g_V; using the pair at t + 1 makes Unroll1 exactly Franceschi et al. with K = 1). The
-    hyper-optimizer is applied to it: Algorithm 1's λ ← λ − cη g_V y is
+    The hypergradient estimate at step t is `⟨∇_θ L_V(θ_{t+1}), y_{t+1}⟩ + ∂L_V/∂λ`, the
+    derivative of `L_V(θ_{t+1})` through the carried Jacobian (Algorithm 1 writes `y_t` beside
+    `g_V`; using the pair at t + 1 makes Unroll1 exactly Franceschi et al. with K = 1). The
+    hyper-optimizer is applied to it: Algorithm 1's `λ ← λ − cη g_V y` is
     `hyper_optimizer=optax.sgd(c * eta)`.
 
     `window`, `clip` and `warmup` may also be JAX arrays (`window=0` and `clip=inf` mean

@@ -255,3 +255,11 @@ def test_per_step_data_of_the_wrong_length():
     hg = bl.hypergrad(PROBLEM, bl.forward_mode(bl.unroll(optax.sgd(0.1), 10)))
     with pytest.raises(ValueError, match="leading axis == steps=10"):
         hg(HP, jnp.zeros(4), data, VAL)
+
+
+def test_assert_hypergrad_close_targets_the_unrolled_value_for_forward_mode():
+    exact = blt.UnrolledQuadratic.sample(0, dim=4, steps=7)
+    method = bl.forward_mode(bl.unroll(optax.sgd(float(exact.lr)), steps=7))
+    blt.assert_hypergrad_close(method, exact, rtol=1e-9)  # auto target: the 7-step value
+    with pytest.raises(AssertionError):  # a clipped one is compared with the IFT value instead
+        blt.assert_hypergrad_close(bl.forward_mode(method.method, clip=1e-3), exact, rtol=1e-6)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from .._base import AbstractMethod, tree_norm
 from .._compile import hypergrad
+from .._forward import ForwardMode
 from .._implicit import Implicit
 from .._linear_solvers import Identity
 from .._unroll import Truncate, Unroll
@@ -41,8 +42,10 @@ class Comparison(NamedTuple):
 def _auto_target(method: AbstractMethod, exact: AbstractExactProblem) -> str:
     if isinstance(method, Implicit) and isinstance(method.linear_solver, Identity):
         return "identity"
-    full_unroll = isinstance(method, Unroll) or (
-        isinstance(method, Truncate) and method.last == method.method.steps
+    full_unroll = (
+        isinstance(method, Unroll)
+        or (isinstance(method, Truncate) and method.last == method.method.steps)
+        or (isinstance(method, ForwardMode) and method.clip is None)
     )
     if full_unroll and isinstance(exact, UnrolledQuadratic):
         return "unrolled"
@@ -76,7 +79,8 @@ def hypergrad_error(
     `"unrolled"` (the exact T-step unrolled hypergradient of a
     `bilevel.testing.UnrolledQuadratic`), `"identity"` (the H⁻¹ ≈ I formula), or `"auto"`:
     `"identity"` for `implicit(·, identity())`, `"unrolled"` for a full unroll of an
-    `UnrolledQuadratic`, else `"ift"`.
+    `UnrolledQuadratic` (also through `truncate(last=steps)` or `forward_mode(clip=None)`),
+    else `"ift"`.
 
     **Arguments:**
 
