@@ -99,7 +99,7 @@ def project(jac, radius):
     norm = tree_norm(jac[0])
     clipped = norm > radius
     scale = jnp.where(clipped, radius / jnp.where(clipped, norm, 1.0), 1.0)
-    jac = jax.tree_util.tree_map(lambda y: (y * scale.astype(y.dtype)).astype(y.dtype), jac)
+    jac = jax.tree_util.tree_map(lambda y: y * scale.astype(y.dtype), jac)
     return jac, clipped
 
 

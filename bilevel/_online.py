@@ -26,7 +26,7 @@ import optax
 
 from ._base import inner_grad, tree_norm
 from ._forward import hparam_basis, initial_tangents, project, pullback, tangent_step
-from ._problem import PerStep, Problem, check_hparams, check_loss, tree_summary
+from ._problem import PerStep, Problem, check_hparams, check_loss, check_per_step
 from ._unroll import OptimizerLike, check_optimizer, optimizer_at
 
 PyTree = Any
@@ -144,6 +144,9 @@ class Online(eqx.Module):
                 f"{self.window!r}, clip={self.clip!r}. Drop them, or use first_order=False."
             )
 
+    def _optimizer(self, hparams) -> optax.GradientTransformation:
+        return optimizer_at(self.optimizer, hparams)
+
     def init(self, hparams, params) -> OnlineState:
         """The state at step 0: y = 0 (and d opt_state/dλ at init), the hyper-optimizer at λ_0.
 
@@ -158,23 +161,21 @@ class Online(eqx.Module):
         """
         check_hparams(hparams, "Online.init(hparams, params)")
         basis = hparam_basis(hparams)
-        opt_state, jacobian = initial_tangents(
-            lambda h: optimizer_at(self.optimizer, h), hparams, params, basis)
+        opt_state, jacobian = initial_tangents(self._optimizer, hparams, params, basis)
         return OnlineState(params, opt_state, jacobian, hparams,
                            self.hyper_optimizer.init(hparams), jnp.zeros((), jnp.int32))
 
     def _inner_step(self, state: OnlineState, batch, basis):
         """θ_{t+1}, the optimizer state and the Jacobian, projected; and whether it clipped."""
-        opt = lambda h: optimizer_at(self.optimizer, h)  # noqa: E731
         if not self.first_order:
-            params, opt_state, jac = tangent_step(self.problem, opt, state.hparams, state.params,
+            params, opt_state, jac = tangent_step(self.problem, self._optimizer, state.hparams, state.params,
                                                   state.opt_state, state.jacobian, batch, basis)
             jac, clipped = project(jac, self.clip)
             return params, opt_state, jac, clipped
         grad = inner_grad(self.problem)
         g, lin = jax.linearize(lambda h: grad(state.params, h, batch), state.hparams)
         cross = jax.vmap(lin)(basis)
-        updates, opt_state = opt(state.hparams).update(g, state.opt_state, state.params)
+        updates, opt_state = self._optimizer(state.hparams).update(g, state.opt_state, state.params)
         jac = (jax.tree_util.tree_map(jnp.negative, cross), state.jacobian[1])
         return optax.apply_updates(state.params, updates), opt_state, jac, jnp.asarray(False)
 
@@ -250,16 +251,8 @@ class Online(eqx.Module):
                 "move. Use a shorter warmup or a longer run (to go through the warm-up in "
                 "pieces, call Online.step, or Online.run inside your own jax.jit)."
             )
-        for name, data in (("inner_data", inner_data), ("outer_data", outer_data)):
-            if isinstance(data, PerStep):
-                for leaf in jax.tree_util.tree_leaves(data.batches):
-                    if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != steps:
-                        raise ValueError(
-                            f"Online.run: per_step(...) {name} must have leading axis == steps="
-                            f"{steps}; got {tree_summary(data.batches)}. Stack one batch per "
-                            "step, or pass one batch to reuse at every step."
-                        )
-
+        check_per_step(inner_data, steps, "inner_data of Online.run")
+        check_per_step(outer_data, steps, "outer_data of Online.run")
         return _scan(self, state, inner_data, outer_data, steps)
 
 

@@ -122,6 +122,21 @@ def per_step(stacked: PyTree) -> PerStep:
     return PerStep(stacked)
 
 
+def check_per_step(data, steps: int, what: str) -> None:
+    """Raise unless `per_step(...)` data has one batch per step (leading axis == steps)."""
+    if not isinstance(data, PerStep):
+        return
+    for leaf in jax.tree_util.tree_leaves(data.batches):
+        if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != steps:
+            got = jnp.shape(leaf)[0] if jnp.ndim(leaf) else "a scalar"
+            raise ValueError(
+                f"per_step(...) {what} must have leading axis == steps={steps} (one batch per "
+                f"step); a leaf has leading axis {got} in {tree_summary(data.batches)}. Stack "
+                f"exactly {steps} batches, or pass one batch without per_step(...) to reuse it "
+                "at every step."
+            )
+
+
 def tree_summary(tree: PyTree) -> str:
     """A short description of a pytree's structure and leaf shapes, for error messages."""
     shapes = jax.tree_util.tree_map(lambda x: getattr(x, "shape", type(x).__name__), tree)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from ._base import AbstractMethod, grad_norm_stats, inner_grad
-from ._problem import PerStep, Problem, tree_summary
+from ._problem import PerStep, Problem, check_per_step
 
 OptimizerLike = Union[optax.GradientTransformation, Callable]
 
@@ -97,17 +97,7 @@ class Unroll(AbstractMethod):
         return optimizer_at(self.optimizer, hparams)
 
     def _check_batch(self, inner_batch) -> None:
-        if not isinstance(inner_batch, PerStep):
-            return
-        for leaf in jax.tree_util.tree_leaves(inner_batch.batches):
-            if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != self.steps:
-                got = jnp.shape(leaf)[0] if jnp.ndim(leaf) else "a scalar"
-                raise ValueError(
-                    f"per_step(...) inner data must have leading axis == steps={self.steps} "
-                    f"(one batch per step); a leaf has leading axis {got} in "
-                    f"{tree_summary(inner_batch.batches)}. Stack exactly {self.steps} batches, "
-                    "or pass one batch without per_step(...) to reuse it at every step."
-                )
+        check_per_step(inner_batch, self.steps, "inner data")
 
     def _scan(self, problem: Problem, opt, hparams, carry, batch, n: int):
         """Run `n` optimizer steps from `carry = (params, opt_state)` with `lax.scan`."""
