@@ -8,6 +8,7 @@ and how they are differentiated), and compile the pair into plain JAX functions:
     hg = jax.jit(bl.hypergrad(problem, method))
 """
 
+from . import datasets as datasets
 from ._base import AbstractMethod as AbstractMethod
 from ._compile import (
     HypergradResult as HypergradResult,
