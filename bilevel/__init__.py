@@ -36,6 +36,16 @@ from ._linear_solvers import (
     neumann as neumann,
 )
 from ._online import Online as Online, OnlineInfo as OnlineInfo, OnlineState as OnlineState, online as online
+from ._optimize import (
+    History as History,
+    HyperOpt as HyperOpt,
+    HyperOptInfo as HyperOptInfo,
+    HyperOptState as HyperOptState,
+    OptimizeResult as OptimizeResult,
+    hyperopt as hyperopt,
+    optimize as optimize,
+)
+from ._search import SearchResult as SearchResult, grid_search as grid_search, random_search as random_search
 from ._problem import PerStep as PerStep, Problem as Problem, per_step as per_step
 from ._unroll import Truncate as Truncate, Unroll as Unroll, truncate as truncate, unroll as unroll
 

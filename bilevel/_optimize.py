@@ -1,0 +1,499 @@
+"""The outer loop: an optax optimizer on the hyperparameters, driven by a method's hypergradient.
+
+`hyperopt(...)` is the loop as a pure `init`/`step` pair (scan it, vmap it); `optimize(...)`
+steps it from Python with a history, a progress bar, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import _checkpoint as ckpt
+from ._base import AbstractMethod, tree_norm
+from ._compile import hypergrad
+from ._problem import Problem, check_hparams, tree_summary
+
+PyTree = Any
+
+
+class HyperOptState(NamedTuple):
+    """The state of the outer loop (a pytree: scan it, vmap it, checkpoint it).
+
+    **Fields:**
+
+    - `variables`: what the outer optimizer moves, u; the problem sees `transform(u)`
+      (u is the hyperparameters themselves when there is no transform).
+    - `opt_state`: the outer optimizer's state.
+    - `params`: the inner parameters the next inner solve starts from (the last solution
+      under warm start, else `params0`).
+    - `step`: the number of outer steps taken, an int32 scalar.
+    """
+
+    variables: PyTree
+    opt_state: PyTree
+    params: PyTree
+    step: jax.Array
+
+
+class HyperOptInfo(NamedTuple):
+    """What one outer step reports.
+
+    **Fields:**
+
+    - `value`: the validation loss at this step's hyperparameters (before the update).
+    - `grad_norm`: ‖dL_V/du‖, the norm of the hypergradient the optimizer received.
+    - `hparams`: the hyperparameters evaluated at this step, `transform(u)`.
+    - `stats`: the method's diagnostics (`bilevel.HypergradResult.stats`).
+    """
+
+    value: jax.Array
+    grad_norm: jax.Array
+    hparams: PyTree
+    stats: dict
+
+
+def _identity(u):
+    return u
+
+
+def _strong(x):
+    """`x` as an array without JAX's weak type, so the state's types never drift between steps."""
+    return jnp.asarray(x, dtype=jnp.result_type(x)) if eqx.is_array_like(x) else x
+
+
+def _like(new, old):
+    """`new` with `old`'s dtype (a scan carry, and a jit cache key, must keep its types)."""
+    return jnp.asarray(new, dtype=old.dtype) if eqx.is_array(old) else new
+
+
+class HyperOpt(eqx.Module):
+    """The outer loop as an `init`/`step` pair. See `bilevel.hyperopt`."""
+
+    problem: Problem = eqx.field(static=True)
+    method: AbstractMethod
+    outer_optimizer: optax.GradientTransformation = eqx.field(static=True)
+    transform: Callable = eqx.field(static=True)
+    warm_start: bool = eqx.field(static=True)
+
+    def __check_init__(self):
+        where = "hyperopt(problem, method, outer_optimizer, ...)"
+        if not isinstance(self.problem, Problem):
+            raise TypeError(
+                f"{where} requires a bilevel.Problem as first argument; got "
+                f"{type(self.problem).__name__}. Build one with bilevel.Problem(inner=..., outer=...)."
+            )
+        if not isinstance(self.method, AbstractMethod):
+            raise TypeError(
+                f"{where} requires a method such as bilevel.unroll(optax.sgd(0.1), steps=100) as "
+                f"second argument; got {type(self.method).__name__} {self.method!r}."
+            )
+        if not isinstance(self.outer_optimizer, optax.GradientTransformation):
+            raise TypeError(
+                f"{where} requires `outer_optimizer` to be an optax.GradientTransformation for the "
+                f"hyperparameters, e.g. optax.adam(0.05); got {type(self.outer_optimizer).__name__}."
+            )
+        if not callable(self.transform):
+            raise TypeError(
+                f"{where} requires `transform` to be None or a function from the optimizer's "
+                f"variables to the hyperparameters, e.g. jnp.exp; got {self.transform!r}."
+            )
+        if not isinstance(self.warm_start, bool):
+            raise TypeError(f"{where} requires `warm_start` to be True or False; got {self.warm_start!r}.")
+
+    def init(self, hparams0, params0) -> HyperOptState:
+        """The state at outer step 0.
+
+        **Arguments:**
+
+        - `hparams0`: the starting variables u₀ of the outer optimizer (the hyperparameters
+          themselves when there is no `transform`; e.g. log-penalties with `transform=jnp.exp`).
+        - `params0`: the inner parameters the first inner solve starts from.
+
+        **Returns:**
+
+        A `HyperOptState`.
+        """
+        check_hparams(hparams0, "HyperOpt.init(hparams0, params0)")
+        self._check_transform(hparams0)
+        state = HyperOptState(hparams0, self.outer_optimizer.init(hparams0), params0, jnp.zeros((), jnp.int32))
+        return jax.tree_util.tree_map(_strong, state)
+
+    def _check_transform(self, variables) -> None:
+        try:
+            out = jax.eval_shape(self.transform, variables)
+        except Exception as err:
+            raise TypeError(
+                f"hyperopt's transform failed on the variables {tree_summary(variables)}: {err}. "
+                "It must map the optimizer's variables to the hyperparameters the losses take."
+            ) from err
+        check_hparams(out, "hyperopt's transform output (the hyperparameters)")
+
+    def step(self, state: HyperOptState, inner_batch, outer_batch) -> tuple[HyperOptState, HyperOptInfo]:
+        """One outer step: a hypergradient at `transform(u)`, then the optimizer's update of u.
+
+        **Arguments:**
+
+        - `state`: a `HyperOptState` from `init` or a previous `step`.
+        - `inner_batch`: the inner data for this step's solve (one batch,
+          `bilevel.per_step(stacked)`, or `None`).
+        - `outer_batch`: the validation batch (or `None`).
+
+        **Returns:**
+
+        `(state, info)`: the next `HyperOptState` and a `HyperOptInfo`.
+        """
+        if not isinstance(state, HyperOptState):
+            raise TypeError(
+                "HyperOpt.step(state, inner_batch, outer_batch) requires the HyperOptState returned "
+                f"by HyperOpt.init or HyperOpt.step; got {type(state).__name__}."
+            )
+        hparams, pull = jax.vjp(self.transform, state.variables)
+        out = hypergrad(self.problem, self.method)(hparams, state.params, inner_batch, outer_batch)
+        (grad,) = pull(out.grad)
+        updates, opt_state = self.outer_optimizer.update(grad, state.opt_state, state.variables)
+        variables = optax.apply_updates(state.variables, updates)
+        params = out.params if self.warm_start else state.params
+        info = HyperOptInfo(out.value, tree_norm(grad), hparams, out.stats)
+        new = HyperOptState(variables, opt_state, params, state.step + 1)
+        return jax.tree_util.tree_map(_like, new, state), info
+
+
+def hyperopt(
+    problem: Problem,
+    method: AbstractMethod,
+    outer_optimizer: optax.GradientTransformation,
+    *,
+    transform: Callable | None = None,
+    warm_start: bool = True,
+) -> HyperOpt:
+    """The outer loop of hyperparameter optimisation as a pure `init`/`step` pair (optax style).
+
+    Each `step` computes the method's hypergradient at `transform(u)`, pulls it back to the
+    optimizer's variables u, and applies one `outer_optimizer` update. With `warm_start`, the
+    inner parameters reached at one outer step start the next inner solve. Everything is a
+    pure function of a `HyperOptState`, so a whole run can be one `jax.lax.scan` and a
+    population of runs one `jax.vmap`. `bilevel.optimize` steps the same pair from Python.
+
+    **Arguments:**
+
+    - `problem`: a `bilevel.Problem`.
+    - `method`: a method (`bilevel.unroll`, `bilevel.implicit(...)`, `bilevel.forward_mode(...)`, ...).
+    - `outer_optimizer`: an optax optimizer for the hyperparameters, e.g. `optax.adam(0.05)`.
+    - `transform`: optional function u -> hyperparameters, e.g. `jnp.exp` to optimise
+      penalties in log space; the default is the identity.
+    - `warm_start`: start each inner solve from the previous one's parameters (default True).
+
+    **Returns:**
+
+    A `HyperOpt` with `init(hparams0, params0)` and `step(state, inner_batch, outer_batch)`.
+
+    **Example:**
+
+    ```python
+    import jax, jax.numpy as jnp, optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    method = bl.implicit(bl.unroll(optax.sgd(0.5), steps=20), bl.cg(maxiter=10))
+    driver = bl.hyperopt(problem, method, optax.adam(0.1), transform=jnp.exp)
+    state = driver.init(jnp.asarray(-1.0), jnp.zeros(3))          # u = log λ
+    state, infos = jax.lax.scan(lambda s, _: driver.step(s, None, None), state, None, length=100)
+    print(jnp.exp(state.variables))                                # → 1.0, where w* = 0.5
+    ```
+    """
+    transform = _identity if transform is None else transform
+    return HyperOpt(problem, method, outer_optimizer, transform, warm_start)
+
+
+class History:
+    """The per-step record of a `bilevel.optimize` run: named columns of equal length.
+
+    Columns: `step`, `value`, `grad_norm`, `wall_time` (seconds of that step, compile
+    included on the first), one `stats.<name>` column per method diagnostic, and either
+    `hparams` (each step's hyperparameters, flattened) or, for many hyperparameters,
+    `hparams.mean`, `hparams.min`, `hparams.max`, `hparams.norm`.
+    Index it by column name; `save(path)` writes `.json` or `.npz`; `History.load(path)`
+    reads either back.
+    """
+
+    def __init__(self, columns: dict | None = None):
+        self.columns = {k: list(np.asarray(v).tolist()) for k, v in (columns or {}).items()}
+
+    def append(self, row: dict) -> None:
+        """Add one step's values (scalars, or a flat list for `hparams`)."""
+        for key, value in row.items():
+            self.columns.setdefault(key, []).append(value)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return np.asarray(self.columns[key])
+
+    def keys(self):
+        """The column names."""
+        return self.columns.keys()
+
+    def __len__(self) -> int:
+        return len(self.columns.get("step", []))
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} steps; columns {', '.join(self.columns)})"
+
+    def save(self, path) -> Path:
+        """Write the history to `path`: JSON for a `.json` suffix, NumPy's `.npz` otherwise."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.columns))
+        else:
+            np.savez(path, **{k: np.asarray(v) for k, v in self.columns.items()})
+        return path
+
+    @classmethod
+    def load(cls, path) -> "History":
+        """Read a history written by `save`."""
+        path = Path(path)
+        if path.suffix == ".json":
+            return cls(json.loads(path.read_text()))
+        with np.load(path) as data:
+            return cls({k: data[k] for k in data.files})
+
+
+class OptimizeResult(NamedTuple):
+    """What `bilevel.optimize` returns.
+
+    **Fields:**
+
+    - `hparams`: the final hyperparameters, `transform(u)`.
+    - `state`: the final `HyperOptState` (its `variables` are u; its `params` the last inner solution).
+    - `history`: a `History` of every step, including steps run before a resume.
+    """
+
+    hparams: PyTree
+    state: HyperOptState
+    history: History
+
+
+@eqx.filter_jit
+def _jit_step(driver: HyperOpt, state, inner_batch, outer_batch):
+    return driver.step(state, inner_batch, outer_batch)
+
+
+@eqx.filter_jit
+def _jit_transform(driver: HyperOpt, variables):
+    return driver.transform(variables)
+
+
+def _batch(data, step: int):
+    return data(step) if callable(data) else data
+
+
+def _row(step: int, info: HyperOptInfo, seconds: float, full_hparams: bool) -> dict:
+    row = {"step": step, "value": float(info.value), "grad_norm": float(info.grad_norm), "wall_time": seconds}
+    for name, stat in info.stats.items():
+        row[f"stats.{name}"] = float(jnp.linalg.norm(jnp.ravel(stat).astype(float)))
+    flat = np.concatenate([np.ravel(np.asarray(x, dtype=float)) for x in jax.tree_util.tree_leaves(info.hparams)])
+    if full_hparams:
+        row["hparams"] = flat.tolist()
+    else:
+        row.update({"hparams.mean": flat.mean(), "hparams.min": flat.min(), "hparams.max": flat.max(),
+                    "hparams.norm": float(np.linalg.norm(flat))})
+    return row
+
+
+def _check_int(value, name: str, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(
+            f"optimize(...) requires `{name}` to be an int >= {minimum}"
+            f"{' or None' if allow_none else ''}; got {value!r}."
+        )
+
+
+def _prepare_dir(directory, resume: bool) -> Path:
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".bilevel-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OSError(
+            f"optimize(...) cannot write checkpoints to {str(path)!r}: {err}. Pass a "
+            "checkpoint_dir you can write to (or checkpoint_dir=None for no checkpoints)."
+        ) from err
+    if not resume and ckpt.checkpoint_steps(path):
+        raise FileExistsError(
+            f"optimize(...) found checkpoints of an earlier run in {str(path)!r} and resume=False. "
+            "Pass resume=True to continue that run, or a new checkpoint_dir to start another."
+        )
+    return path
+
+
+def _fingerprint(driver: HyperOpt, state: HyperOptState) -> dict:
+    parts = {
+        "problem": ckpt.describe(driver.problem),
+        "method": ckpt.describe(driver.method),
+        "outer_optimizer": ckpt.describe(driver.outer_optimizer),
+        "transform": ckpt.describe(driver.transform),
+        "warm_start": repr(driver.warm_start),
+        "initial values": ckpt.describe((state.variables, state.params)),
+        "state layout": ckpt.layout(state),
+    }
+    return ckpt.fingerprint(parts)
+
+
+def _progress(steps: int, start: int, progress: bool | None):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, initial=start, desc="bilevel.optimize", unit="step")
+
+
+def optimize(
+    problem: Problem,
+    method: AbstractMethod,
+    outer_optimizer: optax.GradientTransformation,
+    hparams0: PyTree,
+    params0: PyTree,
+    inner_data,
+    outer_data,
+    steps: int,
+    *,
+    transform: Callable | None = None,
+    warm_start: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 10,
+    keep: int | None = 3,
+    resume: bool = False,
+    progress: bool | None = None,
+    record_hparams: str = "auto",
+    callback: Callable | None = None,
+) -> OptimizeResult:
+    """Run hyperparameter optimisation: `steps` outer steps of `bilevel.hyperopt`, from Python.
+
+    Each step is one compiled call (compiled once; new hyperparameter values never recompile).
+    The loop records a `History`, shows a progress bar on a terminal, and with
+    `checkpoint_dir` saves the state and history every `checkpoint_every` steps (and when
+    interrupted with Ctrl-C). `resume=True` continues from the newest checkpoint, and the
+    resumed run ends with exactly the hyperparameters an uninterrupted run would reach. A
+    checkpoint from a different problem, method, optimizer, transform or starting point, or a
+    damaged one, raises an error instead of being overwritten.
+
+    **Arguments:**
+
+    - `problem`: a `bilevel.Problem`.
+    - `method`: a method (`bilevel.unroll`, `bilevel.implicit(...)`, ...).
+    - `outer_optimizer`: an optax optimizer for the hyperparameters.
+    - `hparams0`: the starting variables u₀ (the hyperparameters, or their pre-image under `transform`).
+    - `params0`: the inner parameters the first inner solve starts from.
+    - `inner_data`, `outer_data`: a batch (or `None`) used at every outer step, or a function
+      `step -> batch` (e.g. a fresh minibatch per outer step; it must depend only on the
+      step, so that a resumed run sees the same data).
+    - `steps`: the total number of outer steps, an int >= 1 (a resumed run stops here too).
+    - `transform`: optional u -> hyperparameters, e.g. `jnp.exp` for log-space penalties.
+    - `warm_start`: start each inner solve from the previous solution (default True).
+    - `checkpoint_dir`: a directory for checkpoints, or `None` for none.
+    - `checkpoint_every`: save every this many steps (and at the end).
+    - `keep`: how many checkpoints to keep (the newest), or `None` for all.
+    - `resume`: continue from the newest checkpoint in `checkpoint_dir` (starts from step 0
+      when there is none). Without it, a directory holding checkpoints is an error.
+    - `progress`: show a progress bar; default: only when stderr is a terminal.
+    - `record_hparams`: `"all"` (each step's hyperparameters, flattened), `"summary"` (mean,
+      min, max, norm) or `"auto"` (all up to 100 scalars, else the summary).
+    - `callback`: optional `callback(step, state, info)` called after each step (a return
+      value of `False` stops the run early).
+
+    **Returns:**
+
+    An `OptimizeResult(hparams, state, history)`.
+
+    **Example:**
+
+    ```python
+    import tempfile
+    import jax.numpy as jnp, optax
+    import bilevel as bl
+
+    problem = bl.Problem(
+        inner=lambda w, lam, _: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * w @ w,
+        outer=lambda w, lam, _: 0.5 * jnp.sum((w - 0.5) ** 2),
+    )
+    method = bl.implicit(bl.unroll(optax.sgd(0.5), steps=20), bl.cg(maxiter=10))
+    run = tempfile.mkdtemp()
+    result = bl.optimize(problem, method, optax.adam(0.1), jnp.asarray(-1.0), jnp.zeros(3),
+                         None, None, steps=100, transform=jnp.exp, checkpoint_dir=run)
+    print(result.hparams, result.history["value"][-1])   # λ → 1.0
+    result.history.save(f"{run}/history.json")
+    ```
+    """
+    driver = hyperopt(problem, method, outer_optimizer, transform=transform, warm_start=warm_start)
+    _check_int(steps, "steps", 1)
+    _check_int(checkpoint_every, "checkpoint_every", 1)
+    _check_int(keep, "keep", 1, allow_none=True)
+    if record_hparams not in ("auto", "all", "summary"):
+        raise ValueError(f"optimize(...) requires record_hparams in 'auto', 'all', 'summary'; got {record_hparams!r}.")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"optimize(...) requires `callback` to be None or callable; got {callback!r}.")
+    state = driver.init(hparams0, params0)
+    n_hparams = sum(np.size(x) for x in jax.tree_util.tree_leaves(_jit_transform(driver, state.variables)))
+    full = record_hparams == "all" or (record_hparams == "auto" and n_hparams <= 100)
+    history, directory, fp = History(), None, None
+    if checkpoint_dir is not None:
+        directory = _prepare_dir(checkpoint_dir, resume)
+        fp = _fingerprint(driver, state)
+        loaded = ckpt.load(directory, state, fp) if resume else None
+        if loaded is not None:
+            _, state, columns = loaded
+            history = History(columns)
+    start = int(state.step)
+    if start > steps:
+        raise ValueError(
+            f"optimize(...) resumed at step {start} from {str(directory)!r}, past steps={steps}. "
+            f"Pass steps >= {start} to continue that run."
+        )
+    bar = _progress(steps, start, progress)
+    saved_at = start
+
+    def save():
+        ckpt.save(directory, int(state.step), state, fp, history.columns, keep)
+
+    try:
+        for k in range(start, steps):
+            began = time.perf_counter()
+            new_state, info = _jit_step(driver, state, _batch(inner_data, k), _batch(outer_data, k))
+            jax.block_until_ready(new_state)
+            state = new_state
+            history.append(_row(k, info, time.perf_counter() - began, full))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(value=f"{float(info.value):.4g}", grad=f"{float(info.grad_norm):.2g}")
+            if directory is not None and (k + 1) % checkpoint_every == 0:
+                save()
+                saved_at = k + 1
+            if callback is not None and callback(k, state, info) is False:
+                break
+    except KeyboardInterrupt:
+        if directory is not None and int(state.step) != saved_at:
+            save()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if directory is not None and int(state.step) != saved_at:
+        save()
+    return OptimizeResult(_jit_transform(driver, state.variables), state, history)
