@@ -78,6 +78,13 @@ def _instantiate(t, primal):
     return t
 
 
+def _zero_anchor(tangents) -> jax.Array:
+    """0 × the sum of the floating-point tangents: zero, but linear in them."""
+    sums = [jnp.sum(t) for t in jax.tree_util.tree_leaves(tangents)
+            if jnp.issubdtype(jnp.result_type(t), jnp.inexact)]
+    return 0.0 * sum(sums)
+
+
 def _all_zero(tangents) -> bool:
     leaves = jax.tree_util.tree_leaves(tangents, is_leaf=lambda x: isinstance(x, SymbolicZero))
     return all(isinstance(t, SymbolicZero) for t in leaves)
@@ -155,7 +162,11 @@ def _implicit_response(method: Implicit, problem):
         d_hparams = _tmap(_instantiate, d_hparams, hparams, is_leaf=lambda x: isinstance(x, SymbolicZero))
         d_batch = _tmap(_instantiate, d_batch, batch, is_leaf=lambda x: isinstance(x, SymbolicZero))
         _, cross = jax.jvp(lambda h, b: grad(params, h, b), (hparams, batch), (d_hparams, d_batch))
-        rhs = _tmap(jnp.negative, cross)
+        # Leaves of w that λ does not touch (an unpenalised bias) get a constant zero from
+        # jvp; transposing custom_linear_solve needs every right-hand-side leaf linear in the
+        # input tangent, so add a numerically-zero linear anchor to each.
+        anchor = _zero_anchor((d_hparams, d_batch))
+        rhs = _tmap(lambda c: anchor.astype(c.dtype) - c, cross)
         _, hvp = jax.linearize(lambda w: grad(w, hparams, batch), params)
 
         if _all_zero(d_probe):

@@ -281,3 +281,43 @@ def test_solver_rejects_per_step_data():
     xs = bl.per_step((jnp.zeros((3, 40, 5)), jnp.zeros((3, 40))))
     with pytest.raises(ValueError, match="only unroll steps through"):
         bl.response(PROBLEM, bl.solver(_closed_form))(jnp.asarray(0.0), jnp.zeros(5), xs)
+
+
+@pytest.mark.parametrize("solver", [bl.exact(), bl.cg(maxiter=50, tol=1e-12), bl.neumann(terms=5, alpha=0.1),
+                                    bl.identity()])
+def test_params_that_the_hparams_do_not_touch(solver):
+    """An unpenalised bias: λ's cross-derivative is zero on that leaf (regression: reverse mode
+    used to fail to transpose the solve). The hypergradient equals the dense IFT formula."""
+    from jax.flatten_util import ravel_pytree
+
+    key1, key2 = jax.random.split(jax.random.key(7))
+    X, y = jax.random.normal(key1, (40, 3)), jax.random.normal(key2, (40,))
+    labels = (jnp.arange(40) % 2).astype(jnp.int32)      # an integer batch leaf, unused by the loss
+
+    def inner(p, log_lam, batch):
+        X, y, _ = batch
+        return 0.5 * jnp.mean((X @ p["W"] + p["b"] - y) ** 2) + 0.5 * jnp.exp(log_lam) * p["W"] @ p["W"]
+
+    def outer(p, log_lam, batch):
+        X, y, _ = batch
+        return 0.5 * jnp.mean((X @ p["W"] + p["b"] - y + 0.3) ** 2)
+
+    problem = bl.Problem(inner=inner, outer=outer)
+    batch, h = (X, y, labels), jnp.asarray(-0.5)
+    method = bl.implicit(bl.unroll(optax.sgd(0.3), steps=3000), solver)
+    out = jax.jit(bl.hypergrad(problem, method))(h, {"W": jnp.zeros(3), "b": jnp.zeros(())}, batch, batch)
+    flat, unravel = ravel_pytree(out.params)
+    H = jax.hessian(lambda v: inner(unravel(v), h, batch))(flat)
+    if isinstance(solver, bl.Identity):
+        H = jnp.eye(flat.size)
+    if isinstance(solver, bl.Neumann):                 # H⁻¹ ≈ α Σ_{j=0}^{terms} (I − αH)^j, inverted
+        step = jnp.eye(flat.size) - solver.alpha * H
+        series = solver.alpha * sum(jnp.linalg.matrix_power(step, j) for j in range(solver.terms + 1))
+        H = jnp.linalg.inv(series)
+    cross = jax.jacfwd(lambda lam: jax.grad(lambda v: inner(unravel(v), lam, batch))(flat))(h)
+    gv = jax.grad(lambda v: outer(unravel(v), h, batch))(flat)
+    expected = -gv @ jnp.linalg.solve(H, cross)
+    np.testing.assert_allclose(out.grad, expected, rtol=1e-8)
+    _, tangent = jax.jvp(lambda lam: outer(bl.response(problem, method)(lam, out.params, batch), lam, batch),
+                         (h,), (jnp.ones(()),))
+    np.testing.assert_allclose(tangent, out.grad, rtol=1e-6)
