@@ -1,8 +1,11 @@
 """The command line: `python -m bilevel ...` or `bilevel ...`.
 
-`bilevel check` runs every method on an exact ridge-regression problem from
-`bilevel.testing` and prints each hypergradient beside the closed-form value, with its
-error and time: the quick "does my install compute the right numbers" command.
+- `bilevel demo` tunes L2 penalties of a logistic regression on scikit-learn's digits (or
+  MNIST) with every method and random search, and writes a table, plots and histories.
+- `bilevel check` runs every method on an exact ridge-regression problem from
+  `bilevel.testing` and prints each hypergradient beside the closed-form value, with its
+  error and time: the quick "does my install compute the right numbers" command.
+- `bilevel bench` times each method's hypergradient against the forward solve alone.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+METHOD_NAMES = ("unroll", "truncate", "implicit-cg", "implicit-neumann", "identity", "forward_mode")
 
 
 def _methods(steps: int, lr: float):
@@ -89,9 +94,128 @@ def check(args) -> int:
     return 0 if worst <= tol else 1
 
 
+def bench(args) -> int:
+    """Time each method's hypergradient against the forward solve alone, on a ridge problem.
+
+    Prints milliseconds per call (median of repeats, after compiling) and the ratio to the
+    forward pass (`bilevel.response` of the same inner method without a derivative). The
+    full benchmark suite, against jaxopt and hand-written JAX, is in benchmarks/.
+    """
+    import jax
+
+    if args.x64:
+        jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    import bilevel as bl
+    import bilevel.testing as blt
+
+    exact = blt.Ridge.sample(args.seed, dim=args.dim, n_train=args.n_train, max_condition=10.0,
+                             dtype=jnp.float64 if args.x64 else jnp.float32)
+    h = exact.hparams
+    lr = 1.0 / float(jnp.linalg.eigvalsh(exact.hessian(h)).max())
+    forward = jax.jit(bl.response(exact.problem, _methods(args.steps, lr)["unroll"]))
+    _, fwd_compile, fwd = _time(forward, h, exact.params0, exact.inner_batch, repeats=args.repeats)
+    print(f"bilevel bench: ridge, n={exact.X.shape[0]}, d={args.dim}, {args.steps} SGD steps, "
+          f"{jnp.dtype(exact.dtype).name}, backend {jax.default_backend()}")
+    print(f"forward solve alone: {1e3 * fwd:.3f} ms/call (compile {fwd_compile:.2f} s)\n")
+    header = f"{'method':<22} {'ms/call':>9} {'÷ forward':>10} {'compile s':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, method in _methods(args.steps, lr).items():
+        hg = jax.jit(bl.hypergrad(exact.problem, method))
+        _, compile_s, run_s = _time(hg, h, exact.params0, exact.inner_batch, exact.outer_batch,
+                                    repeats=args.repeats)
+        print(f"{name:<22} {1e3 * run_s:>9.3f} {run_s / fwd:>10.2f} {compile_s:>10.2f}")
+    return 0
+
+
+def _fail(message: str) -> int:
+    print(f"bilevel: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _output_dir(path: str):
+    """Create `path` and check it is writable; an error message, or None."""
+    from pathlib import Path
+
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".bilevel-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return None, f"cannot write to the output directory {path!r} ({err}). Pass --out DIR with a writable directory."
+    return out, None
+
+
+def demo(args) -> int:
+    """Tune L2 penalties of a logistic regression with every method and random search.
+
+    Each gradient-based method runs `bilevel.optimize` (Adam on the log-penalties,
+    warm-started inner SGD); random search trains from scratch at as many random points.
+    Every final λ is judged alike: trained from scratch, scored on validation and test.
+    Writes results.md/json, validation_vs_time.png and one history per method to --out.
+    """
+    from bilevel import _demo, datasets
+
+    if args.data == "mnist" and args.data_path is None:
+        return _fail("--data mnist needs --data-path FILE, an .npz with x_train, y_train, x_test, y_test.")
+    if args.data == "digits" and args.data_path is not None:
+        return _fail("--data-path is only for --data mnist (digits ships with scikit-learn).")
+    for name in ("outer_steps", "inner_steps", "eval_steps"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}.")
+    unknown = sorted(set(args.methods) - set(METHOD_NAMES))
+    if unknown:
+        return _fail(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}.")
+    out, problem = _output_dir(args.out)
+    if problem:
+        return _fail(problem)
+    try:
+        if args.data == "mnist":
+            data = datasets.mnist(args.data_path, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
+        else:
+            data = datasets.digits(seed=args.seed)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        return _fail(str(err))
+    rows = _demo.run(data, out, penalty=args.penalty, outer_steps=args.outer_steps,
+                     inner_steps=args.inner_steps, lr=args.lr, outer_lr=args.outer_lr,
+                     eval_steps=args.eval_steps, log_lam0=args.log_lam0, seed=args.seed,
+                     methods=args.methods, progress=not args.quiet and sys.stderr.isatty())
+    print()
+    print((out / "results.md").read_text())
+    print(f"Wrote {out / 'results.md'}, results.json, validation_vs_time.png and history_<method>.json "
+          f"({len(rows) - 2} histories) to {out}/")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bilevel", description="Hypergradients for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="tune logistic-regression penalties with every method (digits or MNIST)",
+                       description=demo.__doc__)
+    p.add_argument("--data", choices=["digits", "mnist"], default="digits",
+                   help="dataset (default digits, bundled with scikit-learn)")
+    p.add_argument("--data-path", default=None, help="the MNIST .npz file (for --data mnist)")
+    p.add_argument("--num-train", type=int, default=None, help="MNIST training images to use (default all)")
+    p.add_argument("--num-val", type=int, default=10000, help="MNIST validation images (default 10000)")
+    p.add_argument("--penalty", choices=["per-class", "per-weight"], default="per-class",
+                   help="one log-penalty per class (default) or per weight")
+    p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES),
+                   help=f"methods to run (default all: {' '.join(METHOD_NAMES)})")
+    p.add_argument("--outer-steps", type=int, default=50, help="hyperparameter steps (default 50)")
+    p.add_argument("--inner-steps", type=int, default=100, help="inner SGD steps per outer step (default 100)")
+    p.add_argument("--eval-steps", type=int, default=1000,
+                   help="steps of the from-scratch training that judges each final λ (default 1000)")
+    p.add_argument("--lr", type=float, default=0.1, help="inner SGD-momentum learning rate (default 0.1)")
+    p.add_argument("--outer-lr", type=float, default=0.1, help="Adam learning rate on log λ (default 0.1)")
+    p.add_argument("--log-lam0", type=float, default=-6.0, help="starting log-penalty (default -6)")
+    p.add_argument("--seed", type=int, default=0, help="data split and random-search seed (default 0)")
+    p.add_argument("--out", default="bilevel-demo", help="output directory (default ./bilevel-demo)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=demo)
     p = sub.add_parser("check", help="every method vs the exact hypergradient of a ridge problem",
                        description=check.__doc__)
     p.add_argument("--dim", type=int, default=20, help="number of weights (default 20)")
@@ -99,14 +223,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
     p.add_argument("--x32", dest="x64", action="store_false", help="run in float32 (default float64)")
     p.set_defaults(func=check)
+    p = sub.add_parser("bench", help="each method's hypergradient time ÷ the forward solve (ridge)",
+                       description=bench.__doc__)
+    p.add_argument("--dim", type=int, default=200, help="number of weights (default 200)")
+    p.add_argument("--n-train", type=int, default=1000, help="training rows (default 1000)")
+    p.add_argument("--steps", type=int, default=500, help="inner SGD steps (default 500)")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per method (default 7)")
+    p.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
+    p.add_argument("--x64", action="store_true", help="run in float64 (default float32)")
+    p.set_defaults(func=bench)
     return parser
 
 
 def main(argv=None) -> int:
     """Entry point of the `bilevel` command."""
     args = _parser().parse_args(argv)
-    if args.dim < 1 or args.steps < 1:
+    if args.command in ("check", "bench") and (args.dim < 1 or args.steps < 1):
         _parser().error(f"--dim and --steps must be >= 1; got --dim {args.dim} --steps {args.steps}")
+    if args.command == "bench" and (args.n_train < args.dim or args.repeats < 1):
+        _parser().error(f"bench needs --n-train >= --dim and --repeats >= 1; got --n-train "
+                        f"{args.n_train} --dim {args.dim} --repeats {args.repeats}")
     return args.func(args)
 
 

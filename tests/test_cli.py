@@ -1,19 +1,106 @@
-"""The command line: `python -m bilevel check` runs every method and reports success."""
+"""The command line: every subcommand runs, writes what it says, and fails clearly on bad input."""
 
+import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+import bilevel as bl
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bilevel", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
 
 def test_check_command_runs_every_method_and_passes():
-    out = subprocess.run([sys.executable, "-m", "bilevel", "check", "--dim", "5", "--steps", "300"],
-                         capture_output=True, text=True, timeout=300)
+    out = cli("check", "--dim", 5, "--steps", 300)
     assert out.returncode == 0, out.stderr
     for name in ("unroll", "truncate(last=50)", "forward_mode", "implicit(cg)", "implicit(identity)"):
         assert f"\n{name}" in out.stdout, name
     assert "OK: worst error of the exact methods" in out.stdout
 
 
-def test_check_help():
-    out = subprocess.run([sys.executable, "-m", "bilevel", "check", "--help"], capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0 and "--steps" in out.stdout
+@pytest.mark.parametrize("command", ["check", "demo", "bench", None])
+def test_help(command):
+    out = cli(*([command] if command else []), "--help", timeout=120)
+    assert out.returncode == 0 and "usage: bilevel" in out.stdout
+
+
+SMALL = ("--outer-steps", 3, "--inner-steps", 5, "--eval-steps", 20, "--quiet")
+
+
+def test_demo_on_digits_writes_table_plot_and_histories(tmp_path):
+    out = cli("demo", *SMALL, "--methods", "unroll", "implicit-cg", "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert set(rows) == {"start (no tuning)", "unroll", "implicit-cg", "random search"}
+    assert rows["unroll"]["hypergradients"] == 3 and rows["random search"]["trainings"] == 3
+    for row in rows.values():
+        assert np.isfinite(row["val_loss"]) and 0 <= row["test_accuracy"] <= 1
+    history = bl.History.load(tmp_path / "history_unroll.json")
+    np.testing.assert_array_equal(history["step"], [0, 1, 2])
+    assert (tmp_path / "validation_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| unroll |" in out.stdout and "| random search |" in out.stdout
+
+
+def test_demo_start_row_is_plain_logistic_regression(tmp_path):
+    """The untuned row equals an independent numpy training at the starting penalty."""
+    out = cli("demo", *SMALL, "--methods", "unroll", "--lr", 0.1, "--log-lam0", -3, "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "results.json").read_text())["start (no tuning)"]
+    data = bl.datasets.digits(seed=0)
+    (X, y), (Xv, yv) = (tuple(np.asarray(a, np.float64) for a in s) for s in (data.train, data.val))
+    W, b, vW, vb, lam = np.zeros((64, 10)), np.zeros(10), np.zeros((64, 10)), np.zeros(10), np.exp(-3.0)
+    onehot = np.eye(10)[y.astype(int)]
+    for _ in range(20):                       # SGD with momentum 0.9 (optax's form), lr 0.1
+        z = X @ W + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        gW, gb = X.T @ (p - onehot) / len(y) + lam * W, (p - onehot).mean(0)
+        vW, vb = 0.9 * vW + gW, 0.9 * vb + gb
+        W, b = W - 0.1 * vW, b - 0.1 * vb
+    z = Xv @ W + b
+    val = np.mean(np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1) - z[np.arange(len(yv)), yv.astype(int)])
+    assert row["val_loss"] == pytest.approx(val, rel=1e-4)       # the demo runs in float32
+
+
+def test_demo_on_mnist_from_a_path(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "tiny-mnist.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (300, 784), dtype=np.uint8), y_train=rng.integers(0, 10, 300, dtype=np.uint8),
+             x_test=rng.integers(0, 256, (50, 784), dtype=np.uint8), y_test=rng.integers(0, 10, 50, dtype=np.uint8))
+    out = cli("demo", *SMALL, "--data", "mnist", "--data-path", path, "--num-train", 200, "--num-val", 100,
+              "--methods", "identity", "--out", tmp_path / "out")
+    assert out.returncode == 0, out.stderr
+    assert "mnist, 200/100/50 train/val/test, 784 features" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--data", "cifar"), "invalid choice: 'cifar'"),
+    (("--data", "mnist"), "needs --data-path"),
+    (("--data", "mnist", "--data-path", "/nonexistent/mnist.npz"), "/nonexistent/mnist.npz"),
+    (("--data-path", "x.npz"), "only for --data mnist"),
+    (("--methods", "unroll", "magic"), "unknown method"),
+    (("--outer-steps", 0), "--outer-steps must be >= 1"),
+])
+def test_demo_bad_input(tmp_path, args, message):
+    out = cli("demo", *args, "--out", tmp_path, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_demo_unwritable_output(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = cli("demo", "--out", blocker / "out", timeout=120)
+    assert out.returncode == 2 and "cannot write to the output directory" in out.stderr
+
+
+def test_bench_prints_each_method_and_its_ratio():
+    out = cli("bench", "--dim", 10, "--n-train", 50, "--steps", 20, "--repeats", 1)
+    assert out.returncode == 0, out.stderr
+    assert "forward solve alone" in out.stdout
+    for name in ("unroll", "forward_mode", "implicit(cg)"):
+        assert f"\n{name}" in out.stdout
