@@ -50,25 +50,35 @@ def _time(fn, *args, repeats: int = 5):
     return out, compile_s, sorted(runs)[len(runs) // 2]
 
 
-def check(args) -> int:
-    """Run every method on a ridge problem and print errors against the exact hypergradient."""
+def _ridge(args, **sizes):
+    """The ridge problem `check` and `bench` run on, and a stable SGD step 1/L."""
     import jax
 
     if args.x64:
         jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
-    import bilevel as bl
     import bilevel.testing as blt
-    from bilevel.testing._check import _auto_target as auto_target
 
     dtype = jnp.float64 if args.x64 else jnp.float32
-    exact = blt.Ridge.sample(args.seed, dim=args.dim, max_condition=10.0, dtype=dtype)
+    exact = blt.Ridge.sample(args.seed, dim=args.dim, max_condition=10.0, dtype=dtype, **sizes)
+    lr = 1.0 / float(jnp.linalg.eigvalsh(exact.hessian(exact.hparams)).max())
+    return exact, lr
+
+
+def check(args) -> int:
+    """Run every method on a ridge problem and print errors against the exact hypergradient."""
+    exact, lr = _ridge(args)
+    import jax
+    import jax.numpy as jnp
+
+    import bilevel as bl
+    from bilevel.testing._check import _auto_target as auto_target
+
     h = exact.hparams
     ift = exact.hypergrad(h)
-    lr = 1.0 / float(jnp.linalg.eigvalsh(exact.hessian(h)).max())  # step 1/L: stable SGD
     print(f"bilevel check: ridge regression, {args.dim} weights, log-penalty λ = {float(h):.3f}, "
-          f"{jnp.dtype(dtype).name}, {args.steps} inner SGD steps (lr {lr:.3f}), backend {jax.default_backend()}")
+          f"{jnp.dtype(exact.dtype).name}, {args.steps} inner SGD steps (lr {lr:.3f}), backend {jax.default_backend()}")
     print(f"exact hypergradient (closed form): {float(ift):+.10e}\n")
     header = f"{'method':<22} {'hypergradient':>18} {'exact target':>18} {'rel. error':>11} {'ms/call':>9} {'compile s':>10}"
     print(header)
@@ -101,19 +111,13 @@ def bench(args) -> int:
     forward pass (`bilevel.response` of the same inner method without a derivative). The
     full benchmark suite, against jaxopt and hand-written JAX, is in benchmarks/.
     """
+    exact, lr = _ridge(args, n_train=args.n_train)
     import jax
-
-    if args.x64:
-        jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
 
     import bilevel as bl
-    import bilevel.testing as blt
 
-    exact = blt.Ridge.sample(args.seed, dim=args.dim, n_train=args.n_train, max_condition=10.0,
-                             dtype=jnp.float64 if args.x64 else jnp.float32)
     h = exact.hparams
-    lr = 1.0 / float(jnp.linalg.eigvalsh(exact.hessian(h)).max())
     forward = jax.jit(bl.response(exact.problem, _methods(args.steps, lr)["unroll"]))
     _, fwd_compile, fwd = _time(forward, h, exact.params0, exact.inner_batch, repeats=args.repeats)
     print(f"bilevel bench: ridge, n={exact.X.shape[0]}, d={args.dim}, {args.steps} SGD steps, "
@@ -136,18 +140,13 @@ def _fail(message: str) -> int:
 
 
 def _output_dir(path: str):
-    """Create `path` and check it is writable; an error message, or None."""
-    from pathlib import Path
+    """`(directory, None)` once `path` exists and is writable, else `(None, message)`."""
+    from bilevel._checkpoint import writable_dir
 
-    out = Path(path)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".bilevel-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        return writable_dir(path), None
     except OSError as err:
         return None, f"cannot write to the output directory {path!r} ({err}). Pass --out DIR with a writable directory."
-    return out, None
 
 
 def demo(args) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -106,6 +107,16 @@ def checkpoint_steps(directory: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in directory.iterdir() if (m := _NAME.match(p.name)))
 
 
+def writable_dir(path) -> Path:
+    """Create the directory `path` if needed and check that a file can be written there."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / ".bilevel-write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return directory
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -117,8 +128,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def save(directory: Path, step: int, state, fingerprint_: dict, history: dict, keep: int | None) -> Path:
     """Write the state and its manifest for `step`; keep only the newest `keep` checkpoints."""
-    import io
-
     buffer = io.BytesIO()
     eqx.tree_serialise_leaves(buffer, state)
     data = buffer.getvalue()
@@ -162,8 +171,6 @@ def load(directory: Path, like, fingerprint_: dict):
     data = state_path.read_bytes()
     if _sha(data) != digest:
         raise _corrupted(state_path, "its SHA-256 does not match the manifest (a partial or altered write)")
-    import io
-
     try:
         state = eqx.tree_deserialise_leaves(io.BytesIO(data), like)
     except Exception as err:  # eqx raises RuntimeError / TreePathError on layout changes

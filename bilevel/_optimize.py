@@ -20,7 +20,7 @@ import optax
 
 from . import _checkpoint as ckpt
 from ._base import AbstractMethod, tree_norm
-from ._compile import hypergrad
+from ._compile import _check_problem_method, hypergrad
 from ._problem import Problem, check_hparams, tree_summary
 
 PyTree = Any
@@ -87,16 +87,7 @@ class HyperOpt(eqx.Module):
 
     def __check_init__(self):
         where = "hyperopt(problem, method, outer_optimizer, ...)"
-        if not isinstance(self.problem, Problem):
-            raise TypeError(
-                f"{where} requires a bilevel.Problem as first argument; got "
-                f"{type(self.problem).__name__}. Build one with bilevel.Problem(inner=..., outer=...)."
-            )
-        if not isinstance(self.method, AbstractMethod):
-            raise TypeError(
-                f"{where} requires a method such as bilevel.unroll(optax.sgd(0.1), steps=100) as "
-                f"second argument; got {type(self.method).__name__} {self.method!r}."
-            )
+        _check_problem_method(self.problem, self.method, where)
         if not isinstance(self.outer_optimizer, optax.GradientTransformation):
             raise TypeError(
                 f"{where} requires `outer_optimizer` to be an optax.GradientTransformation for the "
@@ -322,15 +313,11 @@ def _check_int(value, name: str, minimum: int, allow_none: bool = False) -> None
 
 
 def _prepare_dir(directory, resume: bool) -> Path:
-    path = Path(directory)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".bilevel-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        path = ckpt.writable_dir(directory)
     except OSError as err:
         raise OSError(
-            f"optimize(...) cannot write checkpoints to {str(path)!r}: {err}. Pass a "
+            f"optimize(...) cannot write checkpoints to {str(directory)!r}: {err}. Pass a "
             "checkpoint_dir you can write to (or checkpoint_dir=None for no checkpoints)."
         ) from err
     if not resume and ckpt.checkpoint_steps(path):
