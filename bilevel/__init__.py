@@ -10,6 +10,25 @@ and how they are differentiated), and compile the pair into plain JAX functions:
 
 from . import datasets as datasets
 from ._base import AbstractMethod as AbstractMethod
+from ._best_response import BestResponse as BestResponse, best_response as best_response
+from ._hypernets import (
+    LinearHypernet as LinearHypernet,
+    MLPHypernet as MLPHypernet,
+    linear_hypernet as linear_hypernet,
+    mlp_hypernet as mlp_hypernet,
+)
+from ._hypertrain import (
+    Gaussian as Gaussian,
+    Hypertrain as Hypertrain,
+    HypertrainGlobal as HypertrainGlobal,
+    HypertrainInfo as HypertrainInfo,
+    HypertrainState as HypertrainState,
+    HypernetState as HypernetState,
+    gaussian as gaussian,
+    hypertrain_global as hypertrain_global,
+    hypertrain_local as hypertrain_local,
+    hypertrain_simplified as hypertrain_simplified,
+)
 from ._compile import (
     HypergradResult as HypergradResult,
     hypergrad as hypergrad,

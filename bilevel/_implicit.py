@@ -24,6 +24,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from ._base import AbstractMethod, grad_norm_stats, inner_grad
+from ._best_response import BestResponse
 from ._linear_solvers import AbstractLinearSolver
 from ._problem import PerStep, tree_summary
 from ._unroll import Truncate, Unroll
@@ -100,15 +101,15 @@ class Implicit(AbstractMethod):
         if isinstance(self.method, (Implicit, Truncate)):
             raise TypeError(
                 "implicit(method, linear_solver) requires a method that finds the inner "
-                f"parameters (bilevel.unroll or bilevel.solver); got {type(self.method).__name__}, "
+                f"parameters (bilevel.unroll, bilevel.solver or bilevel.best_response); got {type(self.method).__name__}, "
                 "which only changes how they are differentiated, and implicit replaces that "
                 "derivative anyway. Write bilevel.implicit(bl.unroll(optimizer, steps), "
                 "linear_solver) instead."
             )
-        if not isinstance(self.method, (Unroll, Solver)):
+        if not isinstance(self.method, (Unroll, Solver, BestResponse)):
             raise TypeError(
                 "implicit(method, linear_solver) requires a forward method built by "
-                f"bilevel.unroll or bilevel.solver; got {type(self.method).__name__} "
+                f"bilevel.unroll, bilevel.solver or bilevel.best_response; got {type(self.method).__name__} "
                 f"{self.method!r}. Wrap your own solver with bilevel.solver(fn)."
             )
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -214,7 +215,8 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver) -> Imp
 
     **Arguments:**
 
-    - `method`: a forward method from `bilevel.unroll` or `bilevel.solver`.
+    - `method`: a forward method from `bilevel.unroll`, `bilevel.solver` or
+      `bilevel.best_response` (the IFT is then applied at the hypernet's output).
     - `linear_solver`: `bilevel.exact()`, `bilevel.cg(...)`, `bilevel.gmres(...)`,
       `bilevel.neumann(...)` or `bilevel.identity()`.
 

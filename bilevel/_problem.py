@@ -144,6 +144,17 @@ def tree_summary(tree: PyTree) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
+def typed_summary(tree: PyTree) -> str:
+    """Like `tree_summary` with dtypes: `{'W': f32[3,2]}`, for errors about dtypes."""
+    def leaf(x):
+        if not hasattr(x, "shape"):
+            return type(x).__name__
+        name = jnp.dtype(x.dtype).name.replace("float", "f").replace("uint", "u").replace("int", "i")
+        return f"{name}{list(x.shape)}".replace(" ", "")
+    text = str(jax.tree_util.tree_map(leaf, tree)).replace("'", "")
+    return text if len(text) < 300 else text[:297] + "..."
+
+
 def _is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 

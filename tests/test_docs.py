@@ -9,7 +9,8 @@ import bilevel as bl
 
 PUBLIC = {name: getattr(bl, name) for name in dir(bl) if not name.startswith("_")}
 FUNCTIONS = {n: o for n, o in PUBLIC.items() if inspect.isfunction(o)}
-METHODS_WITH_DOCS = [bl.Online.init, bl.Online.step, bl.Online.run, bl.HyperOpt.init, bl.HyperOpt.step]
+METHODS_WITH_DOCS = [bl.Online.init, bl.Online.step, bl.Online.run, bl.HyperOpt.init, bl.HyperOpt.step,
+                     bl.HypertrainGlobal.init, bl.HypertrainGlobal.step, bl.Hypertrain.init, bl.Hypertrain.step]
 
 
 def _examples():

@@ -249,7 +249,7 @@ def test_bad_linear_solver_settings():
 
 def test_implicit_of_implicit_or_truncate_rejected():
     inner = bl.implicit(FORWARD, bl.cg())
-    with pytest.raises(TypeError, match=r"bilevel.unroll or bilevel.solver.*instead"):
+    with pytest.raises(TypeError, match=r"bilevel.unroll, bilevel.solver or bilevel.best_response.*instead"):
         bl.implicit(inner, bl.cg())
     with pytest.raises(TypeError, match="Truncate"):
         bl.implicit(bl.truncate(FORWARD, last=5), bl.cg())

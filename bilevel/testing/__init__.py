@@ -8,7 +8,9 @@ the losses, so a method can be checked against it at float64 precision:
 - [`bilevel.testing.RidgePerCoordinate`][]: one log-penalty per coordinate;
 - [`bilevel.testing.Quadratic004`][]: the quadratic of seed 004 §4.1 with its analytic λ†;
 - [`bilevel.testing.UnrolledQuadratic`][]: T gradient-descent steps on a quadratic, with the
-  unrolled hypergradient known exactly.
+  unrolled hypergradient known exactly;
+- [`bilevel.testing.AffineResponse`][]: a best response affine in λ, which a linear
+  hypernet can represent exactly.
 
 [`bilevel.testing.hypergrad_error`][] and [`bilevel.testing.assert_hypergrad_close`][] compare
 any method's hypergradient with the exact one.
@@ -35,6 +37,7 @@ from ._check import (
 )
 from ._problems import (
     AbstractExactProblem as AbstractExactProblem,
+    AffineResponse as AffineResponse,
     Quadratic004 as Quadratic004,
     Ridge as Ridge,
     RidgePerCoordinate as RidgePerCoordinate,

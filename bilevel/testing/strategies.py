@@ -30,6 +30,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ._problems import (
+    AffineResponse,
     Quadratic004,
     Ridge,
     RidgePerCoordinate,
@@ -252,5 +253,53 @@ def unrolled_quadratic_problems(
         lipschitz = np.max(np.asarray(exact.a)) + np.exp(float(exact.log_lam))
         lr = draw_(_floats_in(lr_range)) / lipschitz
         return dataclasses.replace(exact, lr=np.asarray(lr, exact.dtype))
+
+    return draw()
+
+
+def affine_response_problems(
+    *, min_dim=2, max_dim=8, min_hparams=1, max_hparams=4, dtype=None
+) -> st.SearchStrategy[AffineResponse]:
+    """Draw [`bilevel.testing.AffineResponse`][] instances (best response `Aλ + b`).
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the number of parameters.
+    - `min_hparams`, `max_hparams`: bounds on the number of hyperparameters.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `AffineResponse` instances.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.affine_response_problems(max_dim=3, max_hparams=2))
+    def test_response_is_affine(exact):
+        lam = jnp.ones_like(exact.hparams)
+        assert jnp.allclose(exact.response(lam), exact.A @ lam + exact.b)
+
+    test_response_is_affine()
+    ```
+    """
+    where = "affine_response_problems"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, 10.0, (0.0, 1.0), -np.inf, dtype)
+    min_k = check_int(min_hparams, "min_hparams", where, 1, 1)
+    max_k = check_int(max_hparams, "max_hparams", where, 1, 4)
+    if max_k < min_k:
+        raise ValueError(
+            f"{where} requires min_hparams <= max_hparams; got {min_k} and {max_k}. Raise max_hparams."
+        )
+
+    @st.composite
+    def draw(draw_):
+        return AffineResponse.sample(draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)),
+                                     num_hparams=draw_(st.integers(min_k, max_k)), dtype=dtype)
 
     return draw()

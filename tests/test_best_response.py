@@ -1,0 +1,391 @@
+"""best_response, the shipped hypernets and the hypertraining drivers (seed 000, Algorithms 2-4).
+
+Exact references: `bilevel.testing.AffineResponse` (best response Aλ + b, known A and b),
+`bilevel.testing.Ridge` (closed-form w*(λ), dw*/dλ and hypergradient), and for the drivers'
+update rules a hand-written step with `jax.grad` on the same draws.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+
+import bilevel as bl
+import bilevel.testing as blt
+import bilevel.testing.strategies as bst
+
+
+def _affine_fit(exact, steps=400, num_samples=8, lr=0.3):
+    """Algorithm 2's first loop: a linear hypernet fitted over λ ~ N(0, I)."""
+    k = exact.hparams.shape[0]
+    trainer = bl.hypertrain_global(exact.problem, optax.sgd(lr),
+                                   lambda key: jax.random.normal(key, (k,), exact.dtype),
+                                   num_samples=num_samples)
+    state = trainer.init(bl.linear_hypernet(exact.params0, exact.hparams), exact.hparams, exact.params0)
+    run = jax.jit(lambda s, key: jax.lax.scan(lambda s, kk: trainer.step(s, kk, exact.inner_batch), s,
+                                              jax.random.split(key, steps)))
+    return run(state, jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypernets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hypernets_start_at_template_and_keep_its_layout():
+    params = {"W": jnp.arange(6.0).reshape(3, 2), "b": jnp.ones(2), "act": jax.nn.relu}
+    hparams = {"l2": jnp.full((3, 2), -1.0), "lr": jnp.asarray(0.1)}
+    for net in (bl.linear_hypernet(params, hparams),
+                bl.mlp_hypernet(params, hparams, key=jax.random.key(0), width=8)):
+        out = net(jax.tree_util.tree_map(lambda x: x + 0.3, hparams))
+        assert out["act"] is jax.nn.relu
+        np.testing.assert_array_equal(out["W"], params["W"])   # A = 0 / last layer 0 at build
+        np.testing.assert_array_equal(out["b"], params["b"])
+        curve = eqx.filter_vmap(net)(jax.tree_util.tree_map(lambda x: jnp.stack([x, x + 1]), hparams))
+        assert curve["W"].shape == (2, 3, 2) and curve["b"].shape == (2, 2)
+
+
+def test_linear_hypernet_is_affine_with_its_weight_as_slope():
+    params, lam0 = {"W": jnp.zeros((2, 2)), "b": jnp.zeros(3)}, jnp.asarray([0.5, -1.0])
+    net = bl.linear_hypernet(params, lam0, scale=2.0, key=jax.random.key(1), init_scale=1.0)
+    flat = lambda lam: jax.flatten_util.ravel_pytree(net(lam))[0]  # noqa: E731
+    jac = jax.jacfwd(flat)(jnp.asarray([3.0, 4.0]))
+    np.testing.assert_allclose(jac, net.weight / 2.0, rtol=1e-12)
+    np.testing.assert_allclose(flat(lam0), net.bias, rtol=1e-12)
+
+
+def test_hypernet_weights_have_the_params_dtype():
+    net = bl.mlp_hypernet(jnp.zeros(3, jnp.float32), jnp.asarray(0.0), key=jax.random.key(0))
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(eqx.filter(net, eqx.is_array)))
+    assert net(jnp.asarray(1.0, jnp.float64)).dtype == jnp.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# best_response: hypergradients through the hypernet
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=8, deadline=None)
+@given(bst.affine_response_problems(max_dim=6, max_hparams=4))
+def test_best_response_of_the_exact_affine_map_gives_the_exact_hypergradient(exact):
+    net = bl.linear_hypernet(exact.params0, exact.hparams)
+    net = eqx.tree_at(lambda n: (n.weight, n.bias), net, (exact.A, exact.b))   # center = 0
+    lam = jnp.linspace(-1.0, 1.0, exact.hparams.shape[0])
+    cmp = blt.hypergrad_error(bl.best_response(net), exact, lam)
+    assert cmp.error < 1e-12
+    out = bl.hypergrad(exact.problem, bl.best_response(net))(lam, exact.params0, exact.inner_batch,
+                                                             exact.outer_batch)
+    np.testing.assert_allclose(out.params, exact.response(lam), rtol=1e-12)
+    assert out.stats["inner_grad_norm"] < 1e-12
+
+
+@settings(max_examples=5, deadline=None)
+@given(bst.affine_response_problems(min_dim=3, max_dim=3, min_hparams=2, max_hparams=2))
+def test_global_linear_hypernet_recovers_affine_response(exact):
+    state, losses = _affine_fit(exact)
+    net = state.hypernet   # center 0, scale 1: weight = A, bias = b
+    np.testing.assert_allclose(net.weight, exact.A, atol=1e-6)
+    np.testing.assert_allclose(net.bias, exact.b, atol=1e-6)
+    assert losses[-1] < 1e-12 < losses[0]
+    lam = jnp.asarray([0.7, -0.4])
+    cmp = blt.hypergrad_error(bl.best_response(net), exact, lam)
+    assert cmp.error < 1e-6
+
+
+def test_best_response_of_closed_form_matches_ridge_exactly():
+    exact = blt.Ridge.sample(3, dim=4)
+    cmp = blt.hypergrad_error(bl.best_response(exact.response), exact, jnp.asarray(-0.5))
+    assert cmp.error < 1e-10
+
+
+def test_implicit_applies_the_ift_at_the_hypernet_output():
+    """A linear hypernet with the right point w*(λ̂) but slope 0: autodiff through it sees no
+    response, the IFT at its output gives the exact hypergradient."""
+    exact = blt.Ridge.sample(5, dim=4, log_lam=-0.5)
+    lam = exact.hparams
+    net = bl.linear_hypernet(exact.response(lam), lam)
+    plain = blt.hypergrad_error(bl.best_response(net), exact, lam)
+    np.testing.assert_allclose(plain.grad, 0.0, atol=1e-15)   # L_V has no direct λ term
+    for solver in (bl.exact(), bl.cg(maxiter=50, tol=1e-13)):
+        cmp = blt.hypergrad_error(bl.implicit(bl.best_response(net), solver), exact, lam)
+        assert cmp.error < 1e-9, (solver, cmp)
+
+
+def test_vmap_over_hparams_equals_a_loop_and_jit_does_not_retrace():
+    exact = blt.Ridge.sample(1, dim=4)
+    net = bl.mlp_hypernet(exact.params0, exact.hparams, key=jax.random.key(2), width=8)
+    net = eqx.tree_at(lambda n: n.weights[-1], net, 0.1 * jnp.ones_like(net.weights[-1]))
+    traces = []
+
+    def hg(lam, method):
+        traces.append(1)
+        return bl.hypergrad(exact.problem, method)(lam, exact.params0, exact.inner_batch, exact.outer_batch)
+
+    jitted = eqx.filter_jit(hg)
+    lams = jnp.linspace(-2.0, 1.0, 16)
+    curve = jax.vmap(hg, in_axes=(0, None))(lams, bl.best_response(net))
+    for i in (0, 7, 15):
+        single = jitted(lams[i], bl.best_response(net))
+        np.testing.assert_allclose(curve.value[i], single.value, rtol=1e-12)
+        np.testing.assert_allclose(curve.grad[i], single.grad, rtol=1e-10)
+    traces.clear()
+    other = eqx.tree_at(lambda n: n.bias, net, net.bias + 1.0)   # new weights, same structure
+    jitted(lams[3] + 0.1, bl.best_response(other))
+    assert traces == []
+
+
+def test_second_order_through_best_response_matches_closed_form():
+    exact = blt.Ridge.sample(2, dim=3)
+    method = bl.best_response(exact.response)
+    hg = lambda lam: bl.hypergrad(exact.problem, method)(lam, exact.params0, exact.inner_batch,  # noqa: E731
+                                                          exact.outer_batch).grad
+    np.testing.assert_allclose(jax.grad(hg)(0.2), jax.grad(exact.hypergrad)(0.2), rtol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# The drivers follow the algorithms (checked against a hand-written step on the same draws)
+# ---------------------------------------------------------------------------------------------
+
+
+def _manual_step(exact, net, lams, u, lr_net, lr_outer):
+    """One φ SGD step on mean_i L_T(h(λ_i), λ_i), then one λ̂ SGD step on L_V(h(λ̂), λ̂)."""
+    p = exact.problem
+    fit = lambda n: jnp.mean(jax.vmap(lambda lam: p.inner(n(lam), lam, exact.inner_batch))(lams))  # noqa: E731
+    grads = eqx.filter_grad(fit)(net)
+    net = jax.tree_util.tree_map(lambda w, g: w - lr_net * g, net, grads)
+    g_u = jax.grad(lambda v: p.outer(net(v), v, exact.outer_batch))(u)
+    return net, u - lr_outer * g_u
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_joint_step_is_algorithm_3_or_4(local):
+    exact = blt.RidgePerCoordinate.sample(0, dim=3, log_lam=-1.0)
+    u = exact.hparams
+    net = bl.linear_hypernet(exact.params0, u, key=jax.random.key(3), init_scale=0.5)
+    if local:
+        perturb = bl.gaussian(0.2)
+        driver = bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.05), perturb=perturb,
+                                     num_samples=4)
+        key = jax.random.key(7)
+        lams = jax.vmap(lambda k: perturb(k, u))(jax.random.split(jax.random.split(key, 1)[0], 4))
+    else:
+        driver = bl.hypertrain_simplified(exact.problem, optax.sgd(0.1), optax.sgd(0.05))
+        key, lams = None, u[None]
+    state = driver.init(net, u, exact.params0)
+    state, info = jax.jit(driver.step)(state, key, exact.inner_batch, exact.outer_batch)
+    want_net, want_u = _manual_step(exact, net, lams, u, 0.1, 0.05)
+    np.testing.assert_allclose(state.variables, want_u, rtol=1e-12)
+    np.testing.assert_allclose(state.hypernet.weight, want_net.weight, rtol=1e-12)
+    np.testing.assert_allclose(state.hypernet.bias, want_net.bias, rtol=1e-12)
+    np.testing.assert_allclose(info.value, exact.problem.outer(want_net(u), u, exact.outer_batch), rtol=1e-12)
+    assert int(state.step) == 1
+
+
+def test_global_step_matches_hand_written_step():
+    exact = blt.AffineResponse.sample(4, dim=3, num_hparams=2)
+    sample = lambda k: jax.random.uniform(k, (2,), exact.dtype, -1.0, 1.0)  # noqa: E731
+    trainer = bl.hypertrain_global(exact.problem, optax.sgd(0.2), sample, num_samples=3)
+    net = bl.linear_hypernet(exact.params0, exact.hparams)
+    state = trainer.init(net, exact.hparams, exact.params0)
+    key = jax.random.key(11)
+    state, loss = trainer.step(state, key, exact.inner_batch)
+    lams = jax.vmap(sample)(jax.random.split(key, 3))
+    fit = lambda n: jnp.mean(jax.vmap(lambda lam: exact.problem.inner(n(lam), lam, exact.inner_batch))(lams))  # noqa: E731
+    grads = eqx.filter_grad(fit)(net)
+    np.testing.assert_allclose(state.hypernet.weight, net.weight - 0.2 * grads.weight, rtol=1e-12)
+    np.testing.assert_allclose(loss, fit(net), rtol=1e-12)
+
+
+@settings(max_examples=3, deadline=None)
+@given(bst.ridge_problems(min_dim=4, max_dim=4, max_condition=5.0, hparams_range=(-1.5, 0.5)))
+def test_local_linear_hypernet_hypergradient_approaches_exact_as_perturbation_shrinks(exact):
+    """Fitted on λ ~ N(λ̂, σ²) the linear hypernet's slope is dw*/dλ(λ̂) + O(σ²): the
+    hypergradient error must fall with σ (about 100× per 10× in σ; asserted: 10×, above the
+    noise floor of stochastic training, 1e-4 of the hypergradient's scale)."""
+    lam = exact.hparams
+    errors = []
+    for sigma in (0.3, 0.03):
+        driver = bl.hypertrain_local(exact.problem, optax.sgd(optax.exponential_decay(0.3, 2000, 1e-2)),
+                                     optax.sgd(0.0), perturb=bl.gaussian(sigma), num_samples=32)
+        state = driver.init(bl.linear_hypernet(exact.params0, lam, scale=sigma), lam, exact.params0)
+        state, _ = _run_joint(driver, state, exact, 4000)
+        cmp = blt.hypergrad_error(bl.best_response(state.hypernet), exact, lam)
+        errors.append(float(cmp.abs_error))
+    scale = abs(float(exact.hypergrad(lam))) + float(jnp.linalg.norm(jax.jacfwd(exact.response)(lam)))
+    assert errors[1] < 0.1 * errors[0] + 1e-4 * scale, errors
+    assert errors[1] < 1e-2 * scale, errors
+
+
+@jax.jit
+def _scan_steps(driver, state, batches, keys):
+    inner, outer = batches
+    return jax.lax.scan(lambda s, k: driver.step(s, k, inner, outer), state, keys)
+
+
+def _run_joint(driver, state, exact, steps, seed=1):
+    return _scan_steps(driver, state, (exact.inner_batch, exact.outer_batch),
+                       jax.random.split(jax.random.key(seed), steps))
+
+
+def test_local_hypertraining_finds_the_ridge_optimum():
+    """Algorithm 3 moves λ̂ to the minimiser of the exact validation curve."""
+    exact = blt.Ridge.sample(0, dim=5, noise=1.0, n_train=6, log_lam=1.0)
+    grid = jnp.linspace(-4.0, 3.0, 7001)
+    best = grid[jnp.argmin(jax.vmap(exact.value)(grid))]
+    assert -3.5 < best < 2.5                                  # an interior optimum exists
+    driver = bl.hypertrain_local(exact.problem, optax.adam(3e-2), optax.adam(1e-2),
+                                 perturb=bl.gaussian(0.05), num_samples=8, hypernet_steps=5)
+    lam0 = exact.hparams
+    state = driver.init(bl.linear_hypernet(exact.params0, lam0, scale=0.05), lam0, exact.params0)
+    state, info = _run_joint(driver, state, exact, 3000)
+    assert abs(float(state.variables) - float(best)) < 0.05, (state.variables, best)
+    assert float(info.stats["inner_grad_norm"][-1]) < 1e-2
+
+
+def test_simplified_hypertraining_tracks_the_best_response_at_fixed_lambda():
+    exact = blt.Ridge.sample(9, dim=4)
+    driver = bl.hypertrain_simplified(exact.problem, optax.sgd(0.3), optax.sgd(0.0), hypernet_steps=2)
+    state = driver.init(bl.linear_hypernet(exact.params0, exact.hparams), exact.hparams, exact.params0)
+    state, info = jax.lax.scan(lambda s, _: driver.step(s, None, exact.inner_batch, exact.outer_batch),
+                               state, length=200)
+    assert float(info.stats["inner_grad_norm"][-1]) < 1e-8 < float(info.stats["inner_grad_norm"][0])
+    np.testing.assert_allclose(state.hypernet(exact.hparams), exact.response(exact.hparams), atol=1e-8)
+
+
+def test_transform_log_space_and_gaussian_log_space_keep_positive():
+    exact = blt.Ridge.sample(2, dim=3)
+    problem = bl.Problem(inner=lambda w, lam, b: exact.problem.inner(w, jnp.log(lam), b),
+                         outer=lambda w, lam, b: exact.problem.outer(w, jnp.log(lam), b))
+    lam0 = jnp.asarray(0.5)
+    driver = bl.hypertrain_local(problem, optax.adam(1e-2), optax.adam(1e-2),
+                                 perturb=bl.gaussian(0.5, log_space=True), num_samples=4)
+    state = driver.init(bl.linear_hypernet(exact.params0, lam0), lam0, exact.params0)
+    draws = jax.vmap(lambda k: bl.gaussian(3.0, log_space=True)(k, lam0))(jax.random.split(jax.random.key(0), 1000))
+    assert jnp.all(draws > 0)
+    np.testing.assert_allclose(jnp.mean(jnp.log(draws)), jnp.log(lam0), atol=0.3)
+    state, info = _run_joint(driver, state, exact, 50)
+    assert jnp.all(info.hparams > 0)
+    # transform=jnp.exp: u is log λ̂; the draws are u + σε, so λ stays positive too
+    driver = bl.hypertrain_local(problem, optax.adam(1e-2), optax.adam(1e-2), transform=jnp.exp)
+    state = driver.init(bl.linear_hypernet(exact.params0, jnp.exp(jnp.log(lam0))), jnp.log(lam0), exact.params0)
+    state, info = _run_joint(driver, state, exact, 50)
+    np.testing.assert_allclose(info.hparams[0], lam0, rtol=1e-12)        # λ̂ = exp(u)
+    assert jnp.all(info.hparams > 0) and jnp.isfinite(info.value).all()
+
+
+def test_joint_step_compiles_once():
+    exact = blt.Ridge.sample(0, dim=3)
+    driver = bl.hypertrain_local(exact.problem, optax.adam(1e-2), optax.adam(1e-2))
+    state = driver.init(bl.linear_hypernet(exact.params0, exact.hparams), exact.hparams, exact.params0)
+    traces = []
+
+    @jax.jit
+    def step(s, k):
+        traces.append(1)
+        return driver.step(s, k, exact.inner_batch, exact.outer_batch)
+
+    for i in range(3):
+        state, _ = step(state, jax.random.key(i))
+    assert len(traces) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hypernet_output_tree_mismatch_is_reported():
+    exact = blt.Ridge.sample(0, dim=3)
+    wrong = bl.linear_hypernet(jnp.zeros(4), exact.hparams)
+    hg = bl.hypergrad(exact.problem, bl.best_response(wrong))
+    with pytest.raises(ValueError, match=r"tree, shapes and dtypes of params0.*f64\[3\].*f64\[4\]"):
+        hg(exact.hparams, exact.params0, exact.inner_batch, exact.outer_batch)
+    as_dict = bl.linear_hypernet({"w": jnp.zeros(3)}, exact.hparams)
+    with pytest.raises(ValueError, match="hypernet must return parameters"):
+        bl.response(exact.problem, bl.best_response(as_dict))(exact.hparams, exact.params0, exact.inner_batch)
+    f32 = bl.linear_hypernet(jnp.zeros(3, jnp.float32), exact.hparams)
+    with pytest.raises(ValueError, match="dtypes"):
+        hg = bl.hypergrad(exact.problem, bl.best_response(f32))
+        hg(exact.hparams, exact.params0, exact.inner_batch, exact.outer_batch)
+    driver = bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="hypernet must return parameters"):
+        driver.init(wrong, exact.hparams, exact.params0)
+
+
+def test_hypernet_called_with_wrong_hparams_is_reported():
+    net = bl.linear_hypernet(jnp.zeros(3), jnp.zeros(2))
+    with pytest.raises(ValueError, match=r"shaped like the template.*f64\[2\].*got f64\[3\]"):
+        net(jnp.zeros(3))
+
+
+def test_bad_hypernet_arguments():
+    with pytest.raises(TypeError, match="requires a hypernet"):
+        bl.best_response("not a network")
+    with pytest.raises(TypeError, match="requires a hypernet"):
+        bl.best_response(bl.unroll(optax.sgd(0.1), steps=3))
+    with pytest.raises(TypeError, match="PRNG key"):
+        bl.mlp_hypernet(jnp.zeros(3), jnp.asarray(0.0), key=0)
+    with pytest.raises(ValueError, match="width"):
+        bl.mlp_hypernet(jnp.zeros(3), jnp.asarray(0.0), key=jax.random.key(0), width=0)
+    with pytest.raises(ValueError, match="positive finite"):
+        bl.mlp_hypernet(jnp.zeros(3), jnp.asarray(0.0), key=jax.random.key(0), scale=0.0)
+    with pytest.raises(ValueError, match="floating-point array leaf"):
+        bl.linear_hypernet({"f": jax.nn.relu}, jnp.asarray(0.0))
+    with pytest.raises(TypeError, match="floating-point hyperparameters"):
+        bl.linear_hypernet(jnp.zeros(3), jnp.asarray(1))
+    with pytest.raises(TypeError, match="PRNG key"):
+        bl.linear_hypernet(jnp.zeros(3), jnp.asarray(0.0), init_scale=0.1)
+    with pytest.raises(ValueError, match="per_step"):
+        bl.hypergrad(blt.Ridge.sample(0, dim=3).problem, bl.best_response(lambda lam: jnp.zeros(3)))(
+            jnp.asarray(0.0), jnp.zeros(3), bl.per_step((jnp.zeros((2, 6, 3)), jnp.zeros((2, 6)))), None)
+
+
+def test_sampling_distribution_with_wrong_tree_or_dtype_is_reported():
+    exact = blt.RidgePerCoordinate.sample(0, dim=3)
+    net = bl.linear_hypernet(exact.params0, exact.hparams)
+    for bad in (lambda k: jax.random.normal(k, (2,)),                          # wrong shape
+                lambda k: jax.random.normal(k, (3,), jnp.float32),             # wrong dtype
+                lambda k: {"lam": jax.random.normal(k, (3,))}):                # wrong tree
+        trainer = bl.hypertrain_global(exact.problem, optax.sgd(0.1), bad)
+        with pytest.raises(ValueError, match=r"sample\(key\) must return hyperparameters"):
+            trainer.init(net, exact.hparams, exact.params0)
+    driver = bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.1),
+                                 perturb=lambda k, u: u.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"perturb\(key, hparams\) must return"):
+        driver.init(net, exact.hparams, exact.params0)
+
+
+def test_zero_perturbation_scale_is_reported():
+    with pytest.raises(ValueError, match="hypertrain_simplified"):
+        bl.gaussian(0.0)
+    with pytest.raises(ValueError, match="positive finite scale"):
+        bl.gaussian(-1.0)
+    exact = blt.Ridge.sample(0, dim=3)
+    with pytest.raises(ValueError, match="hypertrain_simplified"):
+        bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.1), perturb=None)
+
+
+def test_bad_driver_arguments():
+    exact = blt.Ridge.sample(0, dim=3)
+    net = bl.linear_hypernet(exact.params0, exact.hparams)
+    with pytest.raises(TypeError, match="optax.GradientTransformation"):
+        bl.hypertrain_local(exact.problem, 0.1, optax.sgd(0.1))
+    with pytest.raises(TypeError, match="`sample`"):
+        bl.hypertrain_global(exact.problem, optax.sgd(0.1), 3.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.1), num_samples=0)
+    with pytest.raises(TypeError, match="bilevel.Problem"):
+        bl.hypertrain_simplified(lambda w: w, optax.sgd(0.1), optax.sgd(0.1))
+    driver = bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.1))
+    state = driver.init(net, exact.hparams, exact.params0)
+    with pytest.raises(TypeError, match="PRNG key"):
+        driver.step(state, None, exact.inner_batch, exact.outer_batch)
+    with pytest.raises(TypeError, match="HypertrainState"):
+        driver.step(state._asdict(), jax.random.key(0), exact.inner_batch, exact.outer_batch)
+    log_driver = bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.1),
+                                     perturb=bl.gaussian(0.1, log_space=True))
+    with pytest.raises(ValueError, match="positive hyperparameters"):
+        log_driver.init(net, jnp.asarray(-1.0), exact.params0)
