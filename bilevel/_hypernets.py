@@ -173,8 +173,9 @@ def linear_hypernet(
     entries of standard deviation `init_scale / sqrt(H)`), so the hypernet starts by returning
     `params` at the center. `center` and `scale` are held fixed (`jax.lax.stop_gradient`):
     they only condition the fit, and matter for it: trained on draws of spread σ around λ̂
-    (`bilevel.hypertrain_local`), the slope's curvature is σ²/scale², so `scale ≈ σ` keeps
-    the fit as fast for a small σ as for a large one. A random start matters for `bilevel.hypertrain_simplified`, which
+    (`bilevel.hypertrain_local`), the slope's curvature is σ²/scale², so with SGD-type
+    optimizers `scale ≈ σ` keeps the fit as fast for a small σ as for a large one (Adam's
+    per-weight step sizes make it less sensitive). A random start matters for `bilevel.hypertrain_simplified`, which
     trains the hypernet only at λ̂ itself: from `A = 0` the hypergradient through the hypernet
     has no response term to move λ̂ with.
 

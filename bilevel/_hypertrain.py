@@ -22,6 +22,8 @@ import numpy as np
 import optax
 
 from ._best_response import best_response, check_output
+from ._implicit import implicit
+from ._linear_solvers import AbstractLinearSolver
 from ._optimize import HyperOpt, HyperOptState, _identity, _like, _strong
 from ._problem import Problem, check_hparams, tree_summary, typed_summary
 from ._unroll import _check_int
@@ -317,6 +319,7 @@ class Hypertrain(eqx.Module):
     transform: Callable = eqx.field(static=True)
     num_samples: int = eqx.field(static=True)
     hypernet_steps: int = eqx.field(static=True)
+    linear_solver: AbstractLinearSolver | None = None
 
     def __check_init__(self):
         where = ("hypertrain_local(problem, hypernet_optimizer, outer_optimizer, ...)" if self.perturb is not None
@@ -334,9 +337,18 @@ class Hypertrain(eqx.Module):
             raise TypeError(f"{where} requires `transform` to be None or a function, e.g. jnp.exp; got {self.transform!r}.")
         _check_int(self.num_samples, "num_samples", where, 1)
         _check_int(self.hypernet_steps, "hypernet_steps", where, 1)
+        if self.linear_solver is not None and not isinstance(self.linear_solver, AbstractLinearSolver):
+            raise TypeError(
+                f"{where} requires `linear_solver` to be None (differentiate through the hypernet) or "
+                "a linear solver such as bilevel.cg() (apply the IFT at its output); got "
+                f"{type(self.linear_solver).__name__} {self.linear_solver!r}."
+            )
 
     def _outer(self, hypernet) -> HyperOpt:
-        return HyperOpt(self.problem, best_response(hypernet), self.outer_optimizer, self.transform, False)
+        method = best_response(hypernet)
+        if self.linear_solver is not None:
+            method = implicit(method, self.linear_solver)
+        return HyperOpt(self.problem, method, self.outer_optimizer, self.transform, False)
 
     def init(self, hypernet, hparams0, params0) -> HypertrainState:
         """The state before the first step.
@@ -436,6 +448,7 @@ def hypertrain_local(
     transform: Callable | None = None,
     num_samples: int = 1,
     hypernet_steps: int = 1,
+    linear_solver: AbstractLinearSolver | None = None,
 ) -> Hypertrain:
     """Joint optimisation of a hypernet and λ̂, the hypernet fitted locally (seed 000, Algorithm 3).
 
@@ -457,6 +470,9 @@ def hypertrain_local(
     - `transform`: optional function u -> hyperparameters (e.g. `jnp.exp`); default identity.
     - `num_samples`: draws per φ step, averaged (default 1, as in the paper).
     - `hypernet_steps`: φ steps per λ̂ step (default 1, as in the paper).
+    - `linear_solver`: `None` (default, the paper: the λ̂ step differentiates through the
+      hypernet) or a linear solver such as `bilevel.cg()`: the λ̂ step then applies the
+      implicit function theorem at the hypernet's output, `bilevel.implicit(best_response(h), solver)`.
 
     **Returns:**
 
@@ -489,7 +505,7 @@ def hypertrain_local(
             "λ̂ itself: use bilevel.hypertrain_simplified."
         )
     return Hypertrain(problem, hypernet_optimizer, outer_optimizer, perturb,
-                      _identity if transform is None else transform, num_samples, hypernet_steps)
+                      _identity if transform is None else transform, num_samples, hypernet_steps, linear_solver)
 
 
 def hypertrain_simplified(
@@ -499,6 +515,7 @@ def hypertrain_simplified(
     *,
     transform: Callable | None = None,
     hypernet_steps: int = 1,
+    linear_solver: AbstractLinearSolver | None = None,
 ) -> Hypertrain:
     """Simplified joint optimisation of a hypernet and λ̂ (seed 000, Algorithm 4).
 
@@ -506,6 +523,10 @@ def hypertrain_simplified(
     optimizer steps on φ to lower `L_T(h_φ(λ̂), λ̂)` at the current λ̂ itself, then one outer
     step on λ̂ through the hypernet. Cheapest of the three, but nothing ties the hypernet's
     derivative dh_φ/dλ to the best response's: it only learns what the path of λ̂ shows it.
+    From a zero slope (both shipped hypernets start with one) λ̂ moves only through a direct
+    dependence of L_V on λ; start the linear hypernet with random slopes (`key`,
+    `init_scale`), or pass `linear_solver` to take the λ̂ step by the implicit function
+    theorem at h_φ(λ̂), which needs no slope at all.
 
     **Arguments:**
 
@@ -514,6 +535,8 @@ def hypertrain_simplified(
     - `outer_optimizer`: an optax optimizer for the hyperparameters.
     - `transform`: optional function u -> hyperparameters (e.g. `jnp.exp`); default identity.
     - `hypernet_steps`: φ steps per λ̂ step (default 1, as in the paper).
+    - `linear_solver`: `None` (default, the paper) or a linear solver such as `bilevel.cg()`
+      to take the λ̂ step by the implicit function theorem at the hypernet's output.
 
     **Returns:**
 
@@ -531,10 +554,13 @@ def hypertrain_simplified(
         outer=lambda w, log_lam, _: 0.5 * jnp.sum((w - 0.7) ** 2),
     )
     lam0, w0 = jnp.asarray(1.0), jnp.zeros(3)
-    driver = bl.hypertrain_simplified(problem, optax.adam(3e-2), optax.adam(3e-2))
+    driver = bl.hypertrain_simplified(problem, optax.adam(3e-2), optax.adam(3e-2), hypernet_steps=5,
+                                      linear_solver=bl.cg())
     state = driver.init(bl.linear_hypernet(w0, lam0), lam0, w0)
-    state, info = jax.jit(driver.step)(state, None, None, None)
+    step = lambda s, _: driver.step(s, None, None, None)
+    state, info = jax.lax.scan(step, state, length=500)
+    print(state.variables)        # → log(1/0.7 − 1) ≈ −0.85, where w* = 0.7
     ```
     """
     return Hypertrain(problem, hypernet_optimizer, outer_optimizer, None,
-                      _identity if transform is None else transform, 1, hypernet_steps)
+                      _identity if transform is None else transform, 1, hypernet_steps, linear_solver)

@@ -28,3 +28,24 @@ def test_seed004_table1_runs_and_writes_json_and_markdown(tmp_path):
     assert result["methods"]["Clip5"]["phase2"]["lam_err"] < 1e-3
     # the first-order fixed point is computed from the closed form and is not λ†
     assert np.isfinite(result["first_order_fixed_point_err"]) and result["first_order_fixed_point_err"] > 1e-3
+
+
+def test_hypernet_figures_run_and_write_figures_table_and_json(tmp_path):
+    """Tiny run of all three figures on digits; the curves must be the hypernets' real fits."""
+    script = _load("hypernet_figures")
+    result = script.main(["--grid", "5", "--cv-steps", "200", "--hypernet-steps", "300", "--width", "16",
+                          "--budget", "1", "--max-outer-steps", "4", "--chunk", "2", "--inner-steps", "10",
+                          "--eval-steps", "50", "--out", str(tmp_path)])
+    for name in ("fig1_digits.png", "fig5_digits.png", "fig6_digits.png", "fig6_digits.md",
+                 "hypernet_figures_digits.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    table = (tmp_path / "fig6_digits.md").read_text()
+    assert table.count("\n| ") == 5  # start + 4 methods below the header
+    fig = result["figures_1_5"]
+    assert len(fig["cv"]["val"]) == 5 and fig["global"]["seconds"] > 0
+    # a linear hypernet fitted at λ̂ is right within its distribution's mass, wrong far away
+    local = fig["local"]
+    assert local["max_abs_gap_within_2_sigma"]["val"] < local["max_abs_gap_to_cv"]["val"]
+    assert result["figure_6"]["n_hparams"] == 650
+    assert set(result["figure_6"]["methods"]) == {"hypernet (local, linear)", "unroll", "implicit (neumann)",
+                                                  "random search"}

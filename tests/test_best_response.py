@@ -389,3 +389,23 @@ def test_bad_driver_arguments():
                                      perturb=bl.gaussian(0.1, log_space=True))
     with pytest.raises(ValueError, match="positive hyperparameters"):
         log_driver.init(net, jnp.asarray(-1.0), exact.params0)
+
+
+def test_joint_drivers_with_linear_solver_take_the_ift_step():
+    """linear_solver=...: the λ̂ step is implicit(best_response(h)) — exact at a converged
+    hypernet whatever its slope, so the simplified algorithm reaches the optimum from a zero
+    slope (where, through the hypernet, λ̂ never moves)."""
+    exact = blt.Ridge.sample(0, dim=5, noise=1.0, n_train=6, log_lam=1.0)
+    grid = jnp.linspace(-4.0, 3.0, 7001)
+    best = grid[jnp.argmin(jax.vmap(exact.value)(grid))]
+    driver = bl.hypertrain_simplified(exact.problem, optax.sgd(0.05), optax.adam(2e-2), hypernet_steps=50,
+                                      linear_solver=bl.exact())
+    state = driver.init(bl.linear_hypernet(exact.params0, exact.hparams), exact.hparams, exact.params0)
+    state, info = jax.lax.scan(lambda s, _: driver.step(s, None, exact.inner_batch, exact.outer_batch),
+                               state, length=600)
+    assert abs(float(state.variables) - float(best)) < 1e-2, (state.variables, best)
+    # one step from a fitted hypernet equals an Adam step along the exact hypergradient
+    g = exact.hypergrad(info.hparams[-1])
+    assert float(info.grad_norm[-1]) == pytest.approx(abs(float(g)), rel=1e-6, abs=1e-9)
+    with pytest.raises(TypeError, match="linear_solver"):
+        bl.hypertrain_local(exact.problem, optax.sgd(0.1), optax.sgd(0.1), linear_solver="cg")
