@@ -110,6 +110,12 @@ def _check_scale(scale, size: int, dtype, where: str) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(scale), (size,))
 
 
+def _standardised(net, hparams, where: str) -> jax.Array:
+    """The flattened hyperparameters as the hypernet's input, (λ − center) / scale (both held fixed)."""
+    x = net.hparams_layout.ravel(hparams, net.bias.dtype, where)
+    return (x - jax.lax.stop_gradient(net.center)) / jax.lax.stop_gradient(net.scale)
+
+
 class LinearHypernet(eqx.Module):
     """An affine hypernet `w = b + A (λ − center) / scale`. See `bilevel.linear_hypernet`."""
 
@@ -123,8 +129,7 @@ class LinearHypernet(eqx.Module):
 
     def __call__(self, hparams) -> PyTree:
         """The parameters `b + A (λ − center) / scale` in the template's layout."""
-        x = self.hparams_layout.ravel(hparams, self.bias.dtype, "LinearHypernet(hparams)")
-        x = (x - jax.lax.stop_gradient(self.center)) / jax.lax.stop_gradient(self.scale)
+        x = _standardised(self, hparams, "LinearHypernet(hparams)")
         flat = self.bias + self.weight @ x
         return eqx.combine(self.params_layout.unravel(flat), self.rest)
 
@@ -144,8 +149,7 @@ class MLPHypernet(eqx.Module):
 
     def __call__(self, hparams) -> PyTree:
         """The parameters `b + MLP((λ − center) / scale)` in the template's layout."""
-        x = self.hparams_layout.ravel(hparams, self.bias.dtype, "MLPHypernet(hparams)")
-        x = (x - jax.lax.stop_gradient(self.center)) / jax.lax.stop_gradient(self.scale)
+        x = _standardised(self, hparams, "MLPHypernet(hparams)")
         for W, c in zip(self.weights[:-1], self.biases):
             x = self.activation(W @ x + c)
         flat = self.bias + self.weights[-1] @ x
