@@ -5,7 +5,8 @@
 - `bilevel check` runs every method on an exact ridge-regression problem from
   `bilevel.testing` and prints each hypergradient beside the closed-form value, with its
   error and time: the quick "does my install compute the right numbers" command.
-- `bilevel bench` times each method's hypergradient against the forward solve alone.
+- `bilevel bench` runs the microbenchmark suite: each method against hand-written JAX and
+  jaxopt, memory, compile time, vmapped populations and sharding.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import sys
 import time
 
+_BENCH_SECTIONS = ("ratios", "memory", "compile", "vmap", "sharding")
 METHOD_NAMES = ("unroll", "truncate", "implicit-cg", "implicit-neumann", "identity", "forward_mode")
 
 
@@ -51,7 +53,7 @@ def _time(fn, *args, repeats: int = 5):
 
 
 def _ridge(args, **sizes):
-    """The ridge problem `check` and `bench` run on, and a stable SGD step 1/L."""
+    """The ridge problem `check` runs on, and a stable SGD step 1/L."""
     import jax
 
     if args.x64:
@@ -105,32 +107,35 @@ def check(args) -> int:
 
 
 def bench(args) -> int:
-    """Time each method's hypergradient against the forward solve alone, on a ridge problem.
+    """Run the microbenchmark suite and write bench.json and bench.md to --out.
 
-    Prints milliseconds per call (median of repeats, after compiling) and the ratio to the
-    forward pass (`bilevel.response` of the same inner method without a derivative). The
-    full benchmark suite, against jaxopt and hand-written JAX, is in benchmarks/.
+    Every comparison runs side by side in one process (compiled ahead of time, warmed up,
+    interleaved rounds, median): each method against hand-written JAX for the same
+    mathematics and against jaxopt, memory and compile time against the number of steps,
+    vmapped populations against a Python loop, and a population sharded across forced host
+    devices. `--quick` runs tiny sizes (a smoke test); the full suite takes about 6 minutes
+    on 2 CPU cores.
     """
-    exact, lr = _ridge(args, n_train=args.n_train)
-    import jax
-    import jax.numpy as jnp
+    from bilevel import _bench
 
-    import bilevel as bl
+    out, problem = _output_dir(args.out)
+    if problem:
+        return _fail(problem)
+    progress = (lambda m: print(f"bilevel bench: {m}", file=sys.stderr, flush=True)) if not args.quiet else (
+        lambda m: None)
+    try:
+        result = _bench.run_suite(sections=args.sections, problems=args.problems, dtypes=args.dtypes,
+                                  repeats=args.repeats, cg_iters=args.cg_iters, quick=args.quick,
+                                  devices=args.devices, progress=progress)
+    except ImportError as err:
+        return _fail(f"{err} (the digits problem needs scikit-learn and the jaxopt comparison jaxopt: "
+                     "pip install 'bilevel[bench]').")
+    import json
 
-    h = exact.hparams
-    forward = jax.jit(bl.response(exact.problem, _methods(args.steps, lr)["unroll"]))
-    _, fwd_compile, fwd = _time(forward, h, exact.params0, exact.inner_batch, repeats=args.repeats)
-    print(f"bilevel bench: ridge, n={exact.X.shape[0]}, d={args.dim}, {args.steps} SGD steps, "
-          f"{jnp.dtype(exact.dtype).name}, backend {jax.default_backend()}")
-    print(f"forward solve alone: {1e3 * fwd:.3f} ms/call (compile {fwd_compile:.2f} s)\n")
-    header = f"{'method':<22} {'ms/call':>9} {'÷ forward':>10} {'compile s':>10}"
-    print(header)
-    print("-" * len(header))
-    for name, method in _methods(args.steps, lr).items():
-        hg = jax.jit(bl.hypergrad(exact.problem, method))
-        _, compile_s, run_s = _time(hg, h, exact.params0, exact.inner_batch, exact.outer_batch,
-                                    repeats=args.repeats)
-        print(f"{name:<22} {1e3 * run_s:>9.3f} {run_s / fwd:>10.2f} {compile_s:>10.2f}")
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(_bench.markdown(result))
+    print(_bench.markdown(result))
+    print(f"Wrote {out / 'bench.json'} and {out / 'bench.md'}")
     return 0
 
 
@@ -222,14 +227,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
     p.add_argument("--x32", dest="x64", action="store_false", help="run in float32 (default float64)")
     p.set_defaults(func=check)
-    p = sub.add_parser("bench", help="each method's hypergradient time ÷ the forward solve (ridge)",
+    p = sub.add_parser("bench", help="the microbenchmark suite: each method vs hand-written JAX and jaxopt",
                        description=bench.__doc__)
-    p.add_argument("--dim", type=int, default=200, help="number of weights (default 200)")
-    p.add_argument("--n-train", type=int, default=1000, help="training rows (default 1000)")
-    p.add_argument("--steps", type=int, default=500, help="inner SGD steps (default 500)")
-    p.add_argument("--repeats", type=int, default=7, help="timed calls per method (default 7)")
-    p.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
-    p.add_argument("--x64", action="store_true", help="run in float64 (default float32)")
+    p.add_argument("--sections", nargs="+", choices=_BENCH_SECTIONS, default=list(_BENCH_SECTIONS),
+                   help=f"what to measure (default all: {' '.join(_BENCH_SECTIONS)})")
+    p.add_argument("--problems", nargs="+", choices=["ridge", "digits"], default=["ridge", "digits"],
+                   help="problems for the ratio tables (default both)")
+    p.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"],
+                   help="floating dtypes for the ratio tables (default both)")
+    p.add_argument("--repeats", type=int, default=21, help="interleaved timing rounds (default 21)")
+    p.add_argument("--cg-iters", type=int, default=20, help="CG iterations of the implicit rows (default 20)")
+    p.add_argument("--devices", type=int, default=8, help="forced host devices for the sharding section (default 8)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in about a minute")
+    p.add_argument("--out", default="bilevel-bench", help="output directory (default ./bilevel-bench)")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=bench)
     return parser
 
@@ -237,11 +248,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of the `bilevel` command."""
     args = _parser().parse_args(argv)
-    if args.command in ("check", "bench") and (args.dim < 1 or args.steps < 1):
+    if args.command == "check" and (args.dim < 1 or args.steps < 1):
         _parser().error(f"--dim and --steps must be >= 1; got --dim {args.dim} --steps {args.steps}")
-    if args.command == "bench" and (args.n_train < args.dim or args.repeats < 1):
-        _parser().error(f"bench needs --n-train >= --dim and --repeats >= 1; got --n-train "
-                        f"{args.n_train} --dim {args.dim} --repeats {args.repeats}")
+    if args.command == "bench" and min(args.repeats, args.cg_iters, args.devices) < 1:
+        _parser().error(f"bench needs --repeats, --cg-iters and --devices >= 1; got --repeats {args.repeats} "
+                        f"--cg-iters {args.cg_iters} --devices {args.devices}")
     return args.func(args)
 
 

@@ -98,9 +98,32 @@ def test_demo_unwritable_output(tmp_path):
     assert out.returncode == 2 and "cannot write to the output directory" in out.stderr
 
 
-def test_bench_prints_each_method_and_its_ratio():
-    out = cli("bench", "--dim", 10, "--n-train", 50, "--steps", 20, "--repeats", 1)
+def test_bench_quick_writes_json_and_markdown(tmp_path):
+    out = cli("bench", "--quick", "--sections", "ratios", "compile", "--problems", "ridge", "--dtypes", "float64",
+              "--repeats", 1, "--out", tmp_path, "--quiet")
     assert out.returncode == 0, out.stderr
-    assert "forward solve alone" in out.stdout
-    for name in ("unroll", "forward_mode", "implicit(cg)"):
-        assert f"\n{name}" in out.stdout
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert set(result) >= {"ratios", "compile"} and "memory" not in result
+    (run,) = result["ratios"]
+    assert (run["case"], run["dtype"]) == ("ridge", "float64")
+    assert all(t["ratio"] > 0 for t in run["targets"])
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "## Target ratios" in markdown and "## Compile time" in markdown
+    assert markdown in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--repeats", 0), "--repeats, --cg-iters and --devices >= 1"),
+    (("--devices", 0), "--repeats, --cg-iters and --devices >= 1"),
+    (("--sections", "speed"), "invalid choice: 'speed'"),
+    (("--dtypes", "float16"), "invalid choice: 'float16'"),
+])
+def test_bench_bad_input(tmp_path, args, message):
+    out = cli("bench", *args, "--out", tmp_path, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_bench_sections_match_the_suite():
+    from bilevel import __main__, _bench
+
+    assert __main__._BENCH_SECTIONS == _bench.SECTIONS
