@@ -426,7 +426,7 @@ def sharding_subprocess(case: str = "digits", *, population: int = 64, devices: 
     """Run `sharded_population` in a fresh process with `devices` forced host (CPU) devices."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
-    counts = [n for n in (1, 2, 4, 8, 16, 32) if n <= devices]
+    counts = [n for n in (1, 2, 4, 8, 16, 32) if n <= devices and population % n == 0]
     spec = json.dumps({"case": case, "population": population, "devices": counts, "steps": steps,
                        "repeats": repeats})
     code = "import sys; from bilevel._bench import _sharding_child; _sharding_child(sys.argv[1])"
