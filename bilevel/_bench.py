@@ -613,6 +613,9 @@ def markdown(result: dict) -> str:
     """The suite's results as markdown tables."""
     lines = [f"Device: {result['device']} ({result['backend']}, {result['host_cpus']} host CPUs), jax "
              f"{result['jax']}{', quick sizes' if result['quick'] else ''}.", ""]
+    if result["quick"]:
+        lines += ["Quick sizes are a smoke test: calls take microseconds, so the ratios below are mostly "
+                  "call overhead and noise. Judge the targets on a full run.", ""]
     if result.get("ratios"):
         lines += _ratio_tables(result["ratios"])
         lines += ["", "## Timings"]
