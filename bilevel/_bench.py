@@ -205,15 +205,17 @@ def hand_best_response(case: Case, hypernet):
 
 def _value_grad(fn):
     """A bilevel hypergradient function reduced to (value, grad), like the hand-written ones."""
-    return lambda h, w0: (lambda out: (out.value, out.grad))(fn(h, w0))
+    def value_grad(*args):
+        out = fn(*args)
+        return out.value, out.grad
+
+    return value_grad
 
 
-def _bilevel_calls(case: Case, k: int) -> dict[str, tuple[Callable, Any]]:
+def _bilevel_calls(case: Case, k: int, net) -> dict[str, tuple[Callable, Any]]:
     """name -> (function of (hparams, params0), hparams) for every bilevel row."""
     p, opt, t = case.problem, case.optimizer, case.steps
     hg = lambda m: lambda h, w0: hypergrad(p, m)(h, w0, case.inner_batch, case.outer_batch)  # noqa: E731
-    key = jax.random.key(0)
-    net = linear_hypernet(case.params0, case.hparams, key=key)
     return {
         "forward unroll": (lambda h, w0: response(p, unroll(opt, t))(h, w0, case.inner_batch), case.hparams),
         "forward unroll (1 hparam)": (lambda h, w0: response(p, unroll(opt, t))(h, w0, case.inner_batch),
@@ -226,7 +228,6 @@ def _bilevel_calls(case: Case, k: int) -> dict[str, tuple[Callable, Any]]:
         f"implicit(cg({k}))": (_value_grad(hg(implicit(unroll(opt, t), cg(maxiter=k, tol=0.0)))), case.hparams),
         f"implicit(cg({k})), full result": (hg(implicit(unroll(opt, t), cg(maxiter=k, tol=0.0))), case.hparams),
         "best_response(linear)": (_value_grad(hg(best_response(net))), case.hparams),
-        "_net": (net, None),
     }
 
 
@@ -265,9 +266,8 @@ def _max_rel_diff(a, b) -> float:
 
 def ratios(case: Case, *, cg_iters: int = 20, repeats: int = 21) -> dict:
     """Time every row on one case; return the rows, the target ratios and value agreement."""
-    calls = _bilevel_calls(case, cg_iters)
-    net = calls.pop("_net")[0]
-    calls.update(_hand_calls(case, cg_iters, net))
+    net = linear_hypernet(case.params0, case.hparams, key=jax.random.key(0))
+    calls = {**_bilevel_calls(case, cg_iters, net), **_hand_calls(case, cg_iters, net)}
     compiled, rows = {}, {}
     for name, (fn, h) in calls.items():
         exe, lower_s, compile_s = compile_fn(fn, h, case.params0)
@@ -360,8 +360,8 @@ def vmap_throughput(case: Case, *, population: int = 1024, loop_calls: int | Non
                     repeats: int = 3) -> dict:
     """Hypergradients per second: one vmapped call over the population vs a loop of jitted calls."""
     hs = _population(case, population)
-    fn = _value_grad(lambda h, w0: hypergrad(case.problem, unroll(case.optimizer, case.steps))(
-        h, w0, case.inner_batch, case.outer_batch))
+    hg = _population_fn(case)
+    fn = lambda h, w0: hg(h, w0, case.inner_batch, case.outer_batch)  # noqa: E731
     one, batched = jax.jit(fn), jax.jit(jax.vmap(fn, in_axes=(0, None)))
     loop_calls = population if loop_calls is None else min(loop_calls, population)
     vmapped = time_interleaved({"vmapped": (batched, (hs, case.params0))}, repeats)["vmapped"]["median_s"]
@@ -394,8 +394,7 @@ CASES = {"ridge": ridge_case, "digits": digits_case, "ridge-small": small_ridge_
 
 def _population_fn(case: Case):
     """(hparams, params0, inner_batch, outer_batch) -> (value, grad) of the unroll hypergradient."""
-    hg = hypergrad(case.problem, unroll(case.optimizer, case.steps))
-    return lambda h, w0, ib, ob: (lambda out: (out.value, out.grad))(hg(h, w0, ib, ob))
+    return _value_grad(hypergrad(case.problem, unroll(case.optimizer, case.steps)))
 
 
 def sharded_population(case: Case, *, population: int = 64, devices=(1, 2, 4, 8), repeats: int = 3) -> list[dict]:
@@ -490,7 +489,7 @@ def run_suite(*, sections=SECTIONS, problems=("ridge", "digits"), dtypes=("float
                                  ("digits", sizes["population"]),
                                  ("ridge", sizes["ridge_population"])):
             progress(f"vmap: {name}")
-            case = CASES[name](jnp.float32, steps=sizes["steps"], **(sizes["ridge"] if name == "ridge" else {}))
+            case = _case(name, "float32", sizes)
             result["vmap"].append({**vmap_throughput(case, population=population), "description": case.description})
     if "sharding" in sections:
         progress("sharding")
