@@ -6,9 +6,12 @@ steps it from Python with a history, a progress bar, checkpoints and resume.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -216,20 +219,25 @@ class History:
     included on the first), one `stats.<name>` column per method diagnostic, and either
     `hparams` (each step's hyperparameters, flattened) or, for many hyperparameters,
     `hparams.mean`, `hparams.min`, `hparams.max`, `hparams.norm`.
-    Index it by column name; `save(path)` writes `.json` or `.npz`; `History.load(path)`
-    reads either back.
+    Index it by column name for a NumPy array (`history["value"]`); `columns` holds the same
+    values as lists of plain Python floats and ints, and `row(i)` one step's values. `save(path)`
+    writes `.json` or `.npz`; `History.load(path)` reads either back.
     """
 
     def __init__(self, columns: dict | None = None):
         self.columns = {k: list(np.asarray(v).tolist()) for k, v in (columns or {}).items()}
 
     def append(self, row: dict) -> None:
-        """Add one step's values (scalars, or a flat list for `hparams`)."""
+        """Add one step's values (scalars, or a flat list for `hparams`), as plain Python numbers."""
         for key, value in row.items():
-            self.columns.setdefault(key, []).append(value)
+            self.columns.setdefault(key, []).append(_plain(value))
 
     def __getitem__(self, key: str) -> np.ndarray:
         return np.asarray(self.columns[key])
+
+    def row(self, index: int) -> dict:
+        """Step `index`'s values by column name (plain Python numbers; negative indices count back)."""
+        return {key: column[index] for key, column in self.columns.items()}
 
     def keys(self):
         """The column names."""
@@ -275,6 +283,28 @@ class OptimizeResult(NamedTuple):
     history: History
 
 
+class OptimizeError(RuntimeError):
+    """`bilevel.optimize` stopped at a step that failed (see its `on_failure` argument).
+
+    **Attributes:**
+
+    - `step`: the failed outer step (as in `history["step"]`).
+    - `failures`: what failed at that step, one line each.
+    - `result`: an `OptimizeResult` holding the state and history before that step.
+    - `checkpoint`: the manifest of the newest checkpoint on disk (the state before the failed
+      step when `checkpoint_dir` was given), or None.
+    """
+
+    def __init__(self, message: str, step: int, failures: list[str], result, checkpoint: Path | None):
+        super().__init__(message)
+        self.step, self.failures, self.result, self.checkpoint = step, failures, result, checkpoint
+
+
+class OptimizeWarning(RuntimeWarning):
+    """A `bilevel.optimize` run whose hypergradients look unreliable: a failed step under
+    `on_failure="warn"`, a linear solve that stays inexact, a Hessian with negative curvature."""
+
+
 @eqx.filter_jit
 def _jit_step(driver: HyperOpt, state, inner_batch, outer_batch):
     return driver.step(state, inner_batch, outer_batch)
@@ -285,21 +315,164 @@ def _jit_transform(driver: HyperOpt, variables):
     return driver.transform(variables)
 
 
+_SHARED: collections.OrderedDict = collections.OrderedDict()   # description hash -> PyTreeDef
+_SHARED_SIZE = 16
+
+
+def _shared(driver: HyperOpt) -> HyperOpt:
+    """`driver` rebuilt on the static parts of an earlier driver described identically.
+
+    `eqx.filter_jit` keys its cache on the static parts by identity, and `optax.adam(0.1)`
+    builds new functions at every call; reusing an identical earlier driver's static parts
+    lets a second `optimize` call reuse the compiled step. Only exact descriptions are
+    shared (`_checkpoint.describe_exact`): anything that can only be named keeps its identity.
+    """
+    text = ckpt.describe_exact(eqx.filter(driver, eqx.is_array, inverse=True))
+    if text is None:
+        return driver
+    key = hashlib.sha256(text.encode()).hexdigest()
+    leaves = jax.tree_util.tree_leaves(driver)
+    treedef = _SHARED.pop(key, None)
+    if treedef is None or treedef.num_leaves != len(leaves):
+        treedef = jax.tree_util.tree_structure(driver)
+    _SHARED[key] = treedef
+    while len(_SHARED) > _SHARED_SIZE:
+        _SHARED.popitem(last=False)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _batch(data, step: int):
     return data(step) if callable(data) else data
 
 
+def _plain(value):
+    """`value` as plain Python numbers (a NumPy or JAX scalar prints as `np.float64(...)`)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        return np.asarray(value).tolist()
+    return value
+
+
 def _row(step: int, info: HyperOptInfo, seconds: float, full_hparams: bool) -> dict:
+    """One history row from a step's `info`, already on the host."""
     row = {"step": step, "value": float(info.value), "grad_norm": float(info.grad_norm), "wall_time": seconds}
     for name, stat in info.stats.items():
-        row[f"stats.{name}"] = float(jnp.linalg.norm(jnp.ravel(stat).astype(float)))
+        row[f"stats.{name}"] = float(np.linalg.norm(np.ravel(np.asarray(stat)).astype(float)))
     flat = np.concatenate([np.ravel(np.asarray(x, dtype=float)) for x in jax.tree_util.tree_leaves(info.hparams)])
     if full_hparams:
         row["hparams"] = flat.tolist()
     else:
-        row.update({"hparams.mean": flat.mean(), "hparams.min": flat.min(), "hparams.max": flat.max(),
-                    "hparams.norm": float(np.linalg.norm(flat))})
+        row.update({"hparams.mean": float(flat.mean()), "hparams.min": float(flat.min()),
+                    "hparams.max": float(flat.max()), "hparams.norm": float(np.linalg.norm(flat))})
     return row
+
+
+_FIXES = {
+    "value": "Check the data and the losses for NaN or inf, and whether the inner solve diverged "
+             "(stats.inner_grad_norm; a lower inner learning rate helps).",
+    "hypergradient": "Check the data for NaN or inf, and whether the inner solve or the linear solve "
+                     "diverged (stats.inner_grad_norm, stats.solve_residual); a lower outer learning "
+                     "rate or optax.clip_by_global_norm guards against one huge outer step.",
+    "neumann_diverged": "The Neumann series α Σ (I − αH)^j converges only when 0 < α < 2/λ_max(H) "
+                        "and H is positive definite: lower bilevel.neumann's `alpha`, or use "
+                        "bilevel.cg (or bilevel.gmres for an indefinite Hessian).",
+    "diverged": "The method reports that one of its iterations diverged: check its settings "
+                "(step sizes, iteration counts) against its documentation.",
+    "stats": "The method's diagnostics are not finite: the inner or the linear solve broke down; "
+             "check the data for NaN or inf and lower the inner learning rate.",
+    "hparams": "The outer optimizer stepped to non-finite hyperparameters: lower its learning rate "
+               "or clip its updates (optax.clip_by_global_norm).",
+}
+
+
+def _finite(x) -> bool:
+    return bool(np.all(np.isfinite(np.asarray(x))))
+
+
+def _failures(info: HyperOptInfo, variables) -> list[tuple[str, str, str]]:
+    """`(check, what failed, how to fix it)` for each check that a step (its host `info`) fails,
+    a solver's own divergence flag first: the NaNs that follow it are its consequences."""
+    stats = {name: np.asarray(stat) for name, stat in sorted(info.stats.items())}
+    out = [(name, f"stats['{name}'] is True", _FIXES.get(name, _FIXES["diverged"]))
+           for name, stat in stats.items() if stat.dtype == bool and name.endswith("_diverged") and stat.any()]
+    if not _finite(info.value):
+        out.append(("value", f"the validation loss (value) is {float(info.value)}", _FIXES["value"]))
+    if not _finite(info.grad_norm):
+        out.append(("grad_norm", f"the hypergradient is not finite (grad_norm = {float(info.grad_norm)})",
+                    _FIXES["hypergradient"]))
+    out += [(name, f"stats['{name}'] = {stat.tolist()} is not finite", _FIXES["stats"])
+            for name, stat in stats.items() if stat.dtype != bool and not _finite(stat)]
+    if not all(_finite(x) for x in jax.tree_util.tree_leaves(variables)):
+        out.append(("variables", "the outer update made the optimizer's variables non-finite",
+                    _FIXES["hparams"]))
+    return out
+
+
+class _Monitor:
+    """The failure policy's warnings and the warnings about inexact solves, each once per run."""
+
+    def __init__(self, on_failure: str, residual_warning: float | None, min_steps: int):
+        self.on_failure, self.threshold, self.min_steps = on_failure, residual_warning, min_steps
+        self.residuals: list[float] = []
+        self.warned: set[str] = set()
+
+    def messages(self, k: int, info: HyperOptInfo, failures: list[tuple[str, str, str]]) -> list[str]:
+        """The warnings step `k` raises, each kind only the first time."""
+        out = []
+        new = [f for f in failures if f"failure {f[0]}" not in self.warned]
+        if self.on_failure == "warn" and new:
+            self.warned.update(f"failure {check}" for check, _, _ in new)
+            out.append(f"bilevel.optimize: at step {k}, {_describe_failures(new)} The run carries "
+                       "on (on_failure='warn'); later steps that fail the same way are recorded in "
+                       "the history without another warning.")
+        curvature = [n for n, v in info.stats.items() if n.endswith("_negative_curvature") and np.any(v)]
+        for name in curvature:
+            out += self._once(name, (
+                f"bilevel.optimize: at step {k}, stats['{name}'] is True: conjugate gradients met a "
+                "direction with pᵀHp ≤ 0, so the Hessian of the inner loss at the inner solution is "
+                "not positive definite (the inner solve has not reached a minimum, or the inner loss "
+                "is not convex there) and CG's answer is unreliable. Converge the inner solve "
+                "further, or use bilevel.gmres (or bilevel.exact on a small problem), which solve "
+                "indefinite systems."))
+        if self.threshold is not None and "solve_residual" in info.stats:
+            out += self._residual(k, float(np.max(np.asarray(info.stats["solve_residual"]))))
+        return out
+
+    def _residual(self, k: int, residual: float) -> list[str]:
+        self.residuals.append(residual)
+        n, high = len(self.residuals), sum(r > self.threshold for r in self.residuals)
+        if n < self.min_steps or 2 * high <= n or residual <= self.threshold:
+            return []
+        return self._once("solve_residual", (
+            f"bilevel.optimize: stats['solve_residual'] (‖Hx − b‖/‖b‖ of the implicit backward "
+            f"solve) is {residual:.3g} at step {k}, above residual_warning={self.threshold:g} in "
+            f"{high} of the {n} steps so far, so the hypergradients are only approximate. Give the "
+            "linear solver more iterations (e.g. bilevel.cg(maxiter=...)), converge the inner solve "
+            "better (more inner steps, so that ∇_w L_T ≈ 0 where the Hessian is taken), or use "
+            "bilevel.gmres if the Hessian is indefinite. Pass residual_warning=None to silence this."))
+
+    def _once(self, kind: str, message: str) -> list[str]:
+        if kind in self.warned:
+            return []
+        self.warned.add(kind)
+        return [message]
+
+
+def _describe_failures(failures) -> str:
+    """What failed, then how to fix the first failure (the likeliest cause of the others)."""
+    return "; ".join(what for _, what, _ in failures) + ". " + failures[0][2]
+
+
+def _failure_error(k: int, failures, result: OptimizeResult, checkpoint: Path | None) -> OptimizeError:
+    whats = [what for _, what, _ in failures]
+    kept = (f"OptimizeError.result holds the state and history of steps 0-{k - 1}" if k else
+            "No step had succeeded; OptimizeError.result holds the starting state")
+    saved = (f"; the last good checkpoint is {checkpoint} (resume=True continues from it)"
+             if checkpoint is not None else "")
+    message = (f"bilevel.optimize stopped at step {k}: {_describe_failures(failures)} {kept}{saved}. "
+               "Pass on_failure='warn' (or 'continue') to carry on regardless.")
+    return OptimizeError(message, k, whats, result, checkpoint)
 
 
 def _check_int(value, name: str, minimum: int, allow_none: bool = False) -> None:
@@ -328,7 +501,7 @@ def _prepare_dir(directory, resume: bool) -> Path:
     return path
 
 
-def _fingerprint(driver: HyperOpt, state: HyperOptState) -> dict:
+def _fingerprint(driver: HyperOpt, state: HyperOptState, user: str) -> dict:
     parts = {
         "problem": ckpt.describe(driver.problem),
         "method": ckpt.describe(driver.method),
@@ -337,8 +510,34 @@ def _fingerprint(driver: HyperOpt, state: HyperOptState) -> dict:
         "warm_start": repr(driver.warm_start),
         "initial values": ckpt.describe((state.variables, state.params)),
         "state layout": ckpt.layout(state),
+        "fingerprint": user,
     }
     return ckpt.fingerprint(parts)
+
+
+def _user_fingerprint(value) -> str:
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            "optimize(...) requires `fingerprint` to be None or a JSON value (a str, number, bool, "
+            "or a list or dict of them) naming what the run depends on beyond its arguments, e.g. "
+            f"fingerprint='train.csv v3'; got {type(value).__name__} {value!r} ({err})."
+        ) from err
+
+
+def _check_policy(on_failure, residual_warning) -> None:
+    if on_failure not in ("raise", "warn", "continue"):
+        raise ValueError(
+            "optimize(...) requires `on_failure` to be 'raise' (stop at a failed step), 'warn' "
+            f"(warn and carry on) or 'continue' (carry on silently); got {on_failure!r}."
+        )
+    number = isinstance(residual_warning, (int, float, np.floating)) and not isinstance(residual_warning, bool)
+    if residual_warning is not None and not (number and residual_warning > 0):
+        raise ValueError(
+            "optimize(...) requires `residual_warning` to be a relative residual > 0 (e.g. 0.1) or "
+            f"None to switch the warning off; got {residual_warning!r}."
+        )
 
 
 def _progress(steps: int, start: int, progress: bool | None):
@@ -370,16 +569,40 @@ def optimize(
     progress: bool | None = None,
     record_hparams: str = "auto",
     callback: Callable | None = None,
+    on_failure: str = "raise",
+    residual_warning: float | None = 0.1,
+    fingerprint=None,
 ) -> OptimizeResult:
     """Run hyperparameter optimisation: `steps` outer steps of `bilevel.hyperopt`, from Python.
 
-    Each step is one compiled call (compiled once; new hyperparameter values never recompile).
-    The loop records a `History`, shows a progress bar on a terminal, and with
-    `checkpoint_dir` saves the state and history every `checkpoint_every` steps (and when
-    interrupted with Ctrl-C). `resume=True` continues from the newest checkpoint, and the
-    resumed run ends with exactly the hyperparameters an uninterrupted run would reach. A
-    checkpoint from a different problem, method, optimizer, transform or starting point, or a
-    damaged one, raises an error instead of being overwritten.
+    Each step is one compiled call, compiled once: new hyperparameter values never recompile,
+    and neither does a second call with the same problem and an identically built method and
+    optimizer (a fresh `optax.adam(0.1)` included). The loop records a `History`, shows a
+    progress bar on a terminal, and with `checkpoint_dir` saves the state and history every
+    `checkpoint_every` steps (and when interrupted with Ctrl-C). `resume=True` continues from
+    the newest checkpoint, and the resumed run ends with exactly the hyperparameters an
+    uninterrupted run would reach.
+
+    **Failed steps.** A step fails when its validation loss, its hypergradient, a diagnostic in
+    `stats` or the updated hyperparameters are not finite, or when a `stats` flag named
+    `*_diverged` is set (e.g. `neumann_diverged`). By default the run then stops with an
+    `OptimizeError` that names the step and what failed; the failed step's state is neither
+    kept nor saved (`error.result` holds the state before it, and with `checkpoint_dir` that
+    state is the newest checkpoint). Separately, an `OptimizeWarning` is issued, once per run,
+    when the implicit backward solve's `stats["solve_residual"]` stays above
+    `residual_warning` in more than half of the steps (from the fifth on), and when conjugate
+    gradients meets negative curvature (`stats["solve_negative_curvature"]`).
+
+    **Resume checks.** A checkpoint is refused, with an error naming what differs, when it was
+    written by a different run or was damaged or edited. The run's fingerprint covers: the
+    losses' code, constants, defaults and closures, the names they use (`jnp.sin` is not
+    `jnp.cos`) and, for functions of your own code (not of an installed library), the module
+    globals they read: numbers, strings and arrays by value, helper functions and classes
+    recursively; the method and both optimizers with their settings; the transform,
+    `warm_start`, `hparams0`, `params0` and the state's layout; and `fingerprint`. It cannot
+    see data read from files, objects of arbitrary classes beyond their type, or what an
+    installed library's functions read: name those in `fingerprint`. The history stored in a
+    checkpoint is covered by a SHA-256, so an edited history is refused too.
 
     **Arguments:**
 
@@ -404,6 +627,15 @@ def optimize(
       min, max, norm) or `"auto"` (all up to 100 scalars, else the summary).
     - `callback`: optional `callback(step, state, info)` called after each step (a return
       value of `False` stops the run early).
+    - `on_failure`: what a failed step does: `"raise"` (default) stops with an
+      `OptimizeError`; `"warn"` issues an `OptimizeWarning` (once for each kind of failure)
+      and carries on; `"continue"` carries on silently. Either way the history records the
+      failed steps' values.
+    - `residual_warning`: warn when the relative residual of the implicit backward solve stays
+      above this (default 0.1); `None` switches the warning off.
+    - `fingerprint`: optional JSON value (a string, number, list or dict) describing what the
+      run depends on that the automatic fingerprint cannot see, e.g. a data file's version;
+      a resume with a different value is refused.
 
     **Returns:**
 
@@ -423,7 +655,8 @@ def optimize(
     method = bl.implicit(bl.unroll(optax.sgd(0.5), steps=20), bl.cg(maxiter=10))
     run = tempfile.mkdtemp()
     result = bl.optimize(problem, method, optax.adam(0.1), jnp.asarray(-1.0), jnp.zeros(3),
-                         None, None, steps=100, transform=jnp.exp, checkpoint_dir=run)
+                         None, None, steps=100, transform=jnp.exp, checkpoint_dir=run,
+                         fingerprint="toy problem v1")
     print(result.hparams, result.history["value"][-1])   # λ → 1.0
     result.history.save(f"{run}/history.json")
     ```
@@ -436,13 +669,16 @@ def optimize(
         raise ValueError(f"optimize(...) requires record_hparams in 'auto', 'all', 'summary'; got {record_hparams!r}.")
     if callback is not None and not callable(callback):
         raise TypeError(f"optimize(...) requires `callback` to be None or callable; got {callback!r}.")
+    _check_policy(on_failure, residual_warning)
+    user_fingerprint = _user_fingerprint(fingerprint)
     state = driver.init(hparams0, params0)
-    n_hparams = sum(np.size(x) for x in jax.tree_util.tree_leaves(_jit_transform(driver, state.variables)))
+    compiled = _shared(driver)
+    n_hparams = sum(np.size(x) for x in jax.tree_util.tree_leaves(_jit_transform(compiled, state.variables)))
     full = record_hparams == "all" or (record_hparams == "auto" and n_hparams <= 100)
     history, directory, fp = History(), None, None
     if checkpoint_dir is not None:
         directory = _prepare_dir(checkpoint_dir, resume)
-        fp = _fingerprint(driver, state)
+        fp = _fingerprint(driver, state, user_fingerprint)
         loaded = ckpt.load(directory, state, fp) if resume else None
         if loaded is not None:
             _, state, columns = loaded
@@ -454,7 +690,8 @@ def optimize(
             f"Pass steps >= {start} to continue that run."
         )
     bar = _progress(steps, start, progress)
-    saved_at = start
+    monitor = _Monitor(on_failure, residual_warning, min(5, steps - start))
+    saved_at, failed = start, None
 
     def save():
         ckpt.save(directory, int(state.step), state, fp, history.columns, keep)
@@ -462,10 +699,18 @@ def optimize(
     try:
         for k in range(start, steps):
             began = time.perf_counter()
-            new_state, info = _jit_step(driver, state, _batch(inner_data, k), _batch(outer_data, k))
+            new_state, info = _jit_step(compiled, state, _batch(inner_data, k), _batch(outer_data, k))
             jax.block_until_ready(new_state)
+            info = jax.device_get(info)
+            seconds = time.perf_counter() - began
+            failures = _failures(info, new_state.variables)
+            if failures and on_failure == "raise":
+                failed = (k, failures)
+                break
+            for message in monitor.messages(k, info, failures):
+                warnings.warn(message, OptimizeWarning, stacklevel=2)
             state = new_state
-            history.append(_row(k, info, time.perf_counter() - began, full))
+            history.append(_row(k, info, seconds, full))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(value=f"{float(info.value):.4g}", grad=f"{float(info.grad_norm):.2g}")
@@ -483,4 +728,8 @@ def optimize(
             bar.close()
     if directory is not None and int(state.step) != saved_at:
         save()
-    return OptimizeResult(_jit_transform(driver, state.variables), state, history)
+    result = OptimizeResult(_jit_transform(compiled, state.variables), state, history)
+    if failed is not None:
+        last = ckpt.checkpoint_steps(directory) if directory is not None else []
+        raise _failure_error(*failed, result, ckpt.manifest_path(directory, last[-1]) if last else None)
+    return result

@@ -2,6 +2,7 @@
 checkpoints and resume, and bad input."""
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 
 import bilevel as bl
 import bilevel.testing as blt
+from bilevel._optimize import OptimizeError, OptimizeWarning
 
 EXACT = blt.Ridge.sample(2, dim=6, max_condition=5.0)
 CLOSED = bl.solver(lambda h, w0, batch: EXACT.response(h))   # the exact response w*(λ)
@@ -327,3 +329,229 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="transform failed"):
         bl.hyperopt(EXACT.problem, CLOSED, optax.sgd(0.1), transform=lambda u: u["x"]).init(
             jnp.asarray(0.0), EXACT.params0)
+
+
+# --- failed steps and unreliable solves -------------------------------------------------
+
+DIVERGING = bl.implicit(bl.unroll(optax.sgd(0.2), steps=15), bl.neumann(terms=20, alpha=5.0))
+
+
+def nan_from(step):
+    """Validation data that turns NaN at outer step `step`."""
+    x, y = EXACT.outer_batch
+    bad = (x.at[0, 0].set(jnp.nan), y)
+    return lambda k: bad if k >= step else EXACT.outer_batch
+
+
+def test_a_diverged_solve_stops_the_run_by_default():
+    with pytest.raises(OptimizeError, match=r"step 0: stats\['neumann_diverged'\] is True.*alpha") as err:
+        bl.optimize(EXACT.problem, DIVERGING, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                    EXACT.inner_batch, EXACT.outer_batch, 20, progress=False)
+    assert err.value.step == 0 and int(err.value.result.state.step) == 0
+    assert float(err.value.result.hparams) == -1.0 and len(err.value.result.history) == 0
+
+
+def test_nan_data_stops_the_run_and_keeps_the_last_good_state(tmp_path):
+    whole = run(steps=3)
+    with pytest.raises(OptimizeError, match=r"stopped at step 3: the validation loss \(value\) is nan.*"
+                                            r"hypergradient is not finite") as err:
+        bl.optimize(EXACT.problem, CLOSED, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                    EXACT.inner_batch, nan_from(3), 12, progress=False, checkpoint_dir=tmp_path,
+                    checkpoint_every=2)
+    good = err.value.result
+    assert int(good.state.step) == 3 and len(good.history) == 3
+    assert float(good.hparams) == float(whole.hparams) and np.isfinite(good.history["value"]).all()
+    # The state before the failed step is the newest checkpoint; nothing after it was written.
+    assert err.value.checkpoint == tmp_path / "step_00000003.json"
+    assert str(err.value.checkpoint) in str(err.value)
+    assert ckpt_steps(tmp_path) == [2, 3]
+    manifest = json.loads(err.value.checkpoint.read_text())
+    assert manifest["history"]["step"] == [0, 1, 2]
+
+
+def ckpt_steps(directory):
+    return sorted(int(p.stem[5:]) for p in directory.glob("step_*.json"))
+
+
+def test_on_failure_warn_warns_once_and_carries_on():
+    with pytest.warns(OptimizeWarning) as caught:
+        result = bl.optimize(EXACT.problem, DIVERGING, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                             EXACT.inner_batch, EXACT.outer_batch, 6, progress=False, on_failure="warn")
+    assert len(result.history) == 6 and result.history["stats.neumann_diverged"].all()
+    messages = [str(w.message) for w in caught if issubclass(w.category, OptimizeWarning)]
+    assert messages[0].startswith("bilevel.optimize: at step 0, stats['neumann_diverged'] is True")
+    assert sum("neumann_diverged" in m for m in messages) == 1        # once, not at every step
+    assert len(messages) <= 2                                         # the NaNs that follow: once
+
+
+def test_on_failure_continue_is_silent(recwarn):
+    result = bl.optimize(EXACT.problem, CLOSED, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                         EXACT.inner_batch, nan_from(0), 4, progress=False, on_failure="continue")
+    assert np.isnan(result.history["value"]).all() and np.isnan(float(result.hparams))
+    assert not [w for w in recwarn if issubclass(w.category, OptimizeWarning)]
+
+
+def test_a_sustained_inexact_linear_solve_warns_once():
+    loose = bl.implicit(bl.unroll(optax.sgd(0.2), steps=15), bl.cg(maxiter=1))   # residual ≈ 0.58
+    with pytest.warns(OptimizeWarning) as caught:
+        bl.optimize(EXACT.problem, loose, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                    EXACT.inner_batch, EXACT.outer_batch, 8, progress=False)
+    messages = [str(w.message) for w in caught if "solve_residual" in str(w.message)]
+    assert len(messages) == 1
+    for part in ("0.58", "step 4", "residual_warning=0.1", "maxiter", "inner solve", "gmres"):
+        assert part in messages[0], part
+
+
+@pytest.mark.parametrize("maxiter, threshold", [(3, 0.1), (1, None), (1, 0.9)])
+def test_no_residual_warning_for_an_accurate_solve_or_when_off(recwarn, maxiter, threshold):
+    method = bl.implicit(bl.unroll(optax.sgd(0.2), steps=15), bl.cg(maxiter=maxiter))
+    bl.optimize(EXACT.problem, method, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                EXACT.inner_batch, EXACT.outer_batch, 6, progress=False, residual_warning=threshold)
+    assert not [w for w in recwarn if issubclass(w.category, OptimizeWarning)]
+
+
+def test_negative_curvature_warns_but_does_not_stop():
+    from bilevel._optimize import HyperOptInfo, _failures, _Monitor
+
+    info = HyperOptInfo(np.float64(1.0), np.float64(2.0), np.float64(0.5),
+                        {"solve_residual": np.float64(1e-9), "solve_negative_curvature": np.bool_(True)})
+    assert _failures(info, np.float64(0.5)) == []
+    monitor = _Monitor("raise", 0.1, 5)
+    (message,) = monitor.messages(3, info, [])
+    assert "step 3" in message and "negative_curvature" in message and "gmres" in message
+    assert monitor.messages(4, info, []) == []                   # once per run
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(on_failure="ignore"), "on_failure"),
+    (dict(residual_warning=0.0), "residual_warning"),
+    (dict(residual_warning=True), "residual_warning"),
+])
+def test_bad_policy_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        run(steps=2, **kw)
+
+
+# --- what a resume checks ----------------------------------------------------------------
+
+SCALE = 1.0
+
+
+def scaled_outer(w, h, batch):
+    return SCALE * EXACT.problem.outer(w, h, batch)
+
+
+def trig_inner(which):
+    """Two losses that differ only in the function they call: the same bytecode and constants."""
+    if which == "sin":
+        def inner(w, h, batch):
+            return EXACT.problem.inner(w, h, batch) + 0.01 * jnp.sum(jnp.sin(w))
+    else:
+        def inner(w, h, batch):
+            return EXACT.problem.inner(w, h, batch) + 0.01 * jnp.sum(jnp.cos(w))
+    return inner
+
+
+def resume_with(tmp_path, problem, **kw):
+    return bl.optimize(problem, CLOSED, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                       EXACT.inner_batch, EXACT.outer_batch, 6, checkpoint_dir=tmp_path,
+                       progress=False, **kw)
+
+
+def test_resume_refuses_a_loss_that_calls_another_function(tmp_path):
+    first = bl.Problem(inner=trig_inner("sin"), outer=EXACT.problem.outer)
+    resume_with(tmp_path, first, callback=lambda k, s, i: k < 2)
+    edited = bl.Problem(inner=trig_inner("cos"), outer=EXACT.problem.outer)
+    with pytest.raises(ValueError, match="different run: its problem"):
+        resume_with(tmp_path, edited, resume=True)
+    assert len(resume_with(tmp_path, first, resume=True).history) == 6
+
+
+def test_resume_refuses_a_changed_module_constant(tmp_path, monkeypatch):
+    problem = bl.Problem(inner=EXACT.problem.inner, outer=scaled_outer)
+    resume_with(tmp_path, problem, callback=lambda k, s, i: k < 2)
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 2.0)
+    with pytest.raises(ValueError, match="different run: its problem"):
+        resume_with(tmp_path, problem, resume=True)
+
+
+def test_resume_checks_the_user_fingerprint(tmp_path):
+    resume_with(tmp_path, EXACT.problem, callback=lambda k, s, i: k < 2, fingerprint={"data": "v1"})
+    with pytest.raises(ValueError, match="different run: its fingerprint"):
+        resume_with(tmp_path, EXACT.problem, resume=True, fingerprint={"data": "v2"})
+    with pytest.raises(ValueError, match="different run: its fingerprint"):
+        resume_with(tmp_path, EXACT.problem, resume=True)
+    assert len(resume_with(tmp_path, EXACT.problem, resume=True, fingerprint={"data": "v1"}).history) == 6
+
+
+def test_a_fingerprint_must_be_json():
+    with pytest.raises(TypeError, match="fingerprint"):
+        run(steps=2, fingerprint=object())
+
+
+def test_an_edited_history_in_the_manifest_is_refused(tmp_path):
+    adam_run(steps=4, checkpoint_dir=tmp_path, checkpoint_every=2)
+    path = tmp_path / "step_00000004.json"
+    manifest = json.loads(path.read_text())
+    manifest["history"]["value"][0] = 0.0
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="corrupted.*edited"):
+        adam_run(steps=6, checkpoint_dir=tmp_path, resume=True)
+
+
+# --- compiling once across calls ---------------------------------------------------------
+
+
+def counted_inner(w, h, batch):
+    counted_inner.traces += 1          # an attribute: the fingerprint of the loss does not see it
+    return EXACT.problem.inner(w, h, batch)
+
+
+counted_inner.traces = 0
+
+
+def test_a_second_call_with_freshly_built_method_and_optimizer_does_not_recompile():
+    problem = bl.Problem(inner=counted_inner, outer=EXACT.problem.outer)
+
+    def call(lr=0.1):
+        method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=5), bl.cg(maxiter=4))
+        return bl.optimize(problem, method, optax.adam(lr), jnp.asarray(0.0), EXACT.params0,
+                           EXACT.inner_batch, EXACT.outer_batch, 3, progress=False)
+
+    first = call()
+    traced = counted_inner.traces
+    assert traced > 0
+    again = call()
+    assert counted_inner.traces == traced, "an identically built method and optimizer recompiled"
+    np.testing.assert_array_equal(again.history["value"], first.history["value"])
+    other = call(lr=0.3)                                  # another learning rate: a new compile
+    assert counted_inner.traces > traced
+    assert float(other.hparams) != float(first.hparams)
+
+
+def test_same_code_with_different_closures_is_not_shared():
+    def make(c):
+        return bl.Problem(inner=lambda w, h, b: EXACT.problem.inner(w, h, b) + c * jnp.sum(w),
+                          outer=EXACT.problem.outer)
+
+    method = bl.unroll(optax.sgd(0.1), steps=5)
+    a = bl.optimize(make(0.0), method, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                    EXACT.inner_batch, EXACT.outer_batch, 2, progress=False)
+    b = bl.optimize(make(1.0), method, optax.sgd(LR), jnp.asarray(-1.0), EXACT.params0,
+                    EXACT.inner_batch, EXACT.outer_batch, 2, progress=False)
+    assert a.history["value"][1] != b.history["value"][1]
+
+
+# --- history values ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("record", ["all", "summary"])
+def test_history_holds_plain_python_numbers(record):
+    result = run(steps=2, record_hparams=record)
+    h = result.history
+    assert type(h.columns["value"][0]) is float and type(h.columns["step"][0]) is int
+    for key, column in h.columns.items():
+        for value in column:
+            values = value if isinstance(value, list) else [value]
+            assert all(type(v) in (float, int) for v in values), (key, value)
+    assert "np." not in repr(h.row(-1)) and h.row(-1)["step"] == 1
