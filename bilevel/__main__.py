@@ -154,6 +154,42 @@ def _output_dir(path: str):
         return None, f"cannot write to the output directory {path!r} ({err}). Pass --out DIR with a writable directory."
 
 
+def _demo_problem(args) -> str | None:
+    """What is wrong with `bilevel demo`'s arguments, or None; checked before anything runs."""
+    import math
+
+    if args.data == "mnist" and args.data_path is None:
+        return "--data mnist needs --data-path FILE, an .npz with x_train, y_train, x_test, y_test."
+    if args.data == "digits":
+        given = [flag for flag, value in (("--data-path", args.data_path), ("--num-train", args.num_train),
+                                          ("--num-val", args.num_val)) if value is not None]
+        if given:
+            return (f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} only for --data mnist; digits has a "
+                    "fixed split (899/449/449 train/val/test images, set by --seed) and ships with scikit-learn. "
+                    f"Drop {', '.join(given)} or add --data mnist --data-path FILE.")
+    for name in ("num_train", "num_val"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1 (a number of images); got {value}."
+    for name in ("outer_steps", "inner_steps", "eval_steps"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}."
+    for name, what, default in (("lr", "the inner SGD-momentum step size", 0.1),
+                                ("outer_lr", "the Adam step size on log λ", 0.1)):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            return (f"--{name.replace('_', '-')} must be a positive finite number ({what}); got {value}. "
+                    f"Pass e.g. --{name.replace('_', '-')} {default} (the default).")
+    if not math.isfinite(args.log_lam0):
+        return f"--log-lam0 must be a finite number (a log-penalty); got {args.log_lam0}. Pass e.g. --log-lam0 -6."
+    if args.seed < 0:
+        return f"--seed must be >= 0 (it seeds the data split and random search); got {args.seed}."
+    unknown = sorted(set(args.methods) - set(METHOD_NAMES))
+    if unknown:
+        return f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}."
+    return None
+
+
 def demo(args) -> int:
     """Tune L2 penalties of a logistic regression with every method and random search.
 
@@ -164,26 +200,17 @@ def demo(args) -> int:
     """
     from bilevel import _demo, datasets
 
-    if args.data == "mnist" and args.data_path is None:
-        return _fail("--data mnist needs --data-path FILE, an .npz with x_train, y_train, x_test, y_test.")
-    if args.data == "digits" and args.data_path is not None:
-        return _fail("--data-path is only for --data mnist (digits ships with scikit-learn).")
-    for name in ("outer_steps", "inner_steps", "eval_steps"):
-        if getattr(args, name) < 1:
-            return _fail(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}.")
-    unknown = sorted(set(args.methods) - set(METHOD_NAMES))
-    if unknown:
-        return _fail(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}.")
-    out, problem = _output_dir(args.out)
-    if problem:
-        return _fail(problem)
     try:
         if args.data == "mnist":
-            data = datasets.mnist(args.data_path, num_train=args.num_train, num_val=args.num_val, seed=args.seed)
+            data = datasets.mnist(args.data_path, num_train=args.num_train,
+                                  num_val=10000 if args.num_val is None else args.num_val, seed=args.seed)
         else:
             data = datasets.digits(seed=args.seed)
     except (FileNotFoundError, ValueError, ImportError) as err:
         return _fail(str(err))
+    out, problem = _output_dir(args.out)
+    if problem:
+        return _fail(problem)
     rows = _demo.run(data, out, penalty=args.penalty, outer_steps=args.outer_steps,
                      inner_steps=args.inner_steps, lr=args.lr, outer_lr=args.outer_lr,
                      eval_steps=args.eval_steps, log_lam0=args.log_lam0, seed=args.seed,
@@ -203,8 +230,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", choices=["digits", "mnist"], default="digits",
                    help="dataset (default digits, bundled with scikit-learn)")
     p.add_argument("--data-path", default=None, help="the MNIST .npz file (for --data mnist)")
-    p.add_argument("--num-train", type=int, default=None, help="MNIST training images to use (default all)")
-    p.add_argument("--num-val", type=int, default=10000, help="MNIST validation images (default 10000)")
+    p.add_argument("--num-train", type=int, default=None,
+                   help="MNIST training images to use (default all; --data mnist only)")
+    p.add_argument("--num-val", type=int, default=None,
+                   help="MNIST validation images (default 10000; --data mnist only)")
     p.add_argument("--penalty", choices=["per-class", "per-weight"], default="per-class",
                    help="one log-penalty per class (default) or per weight")
     p.add_argument("--methods", nargs="+", default=list(METHOD_NAMES),
@@ -219,14 +248,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="data split and random-search seed (default 0)")
     p.add_argument("--out", default="bilevel-demo", help="output directory (default ./bilevel-demo)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=demo)
+    p.set_defaults(func=demo, error=p.error)
     p = sub.add_parser("check", help="every method vs the exact hypergradient of a ridge problem",
                        description=check.__doc__)
     p.add_argument("--dim", type=int, default=20, help="number of weights (default 20)")
     p.add_argument("--steps", type=int, default=1000, help="inner SGD steps (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="problem seed (default 0)")
     p.add_argument("--x32", dest="x64", action="store_false", help="run in float32 (default float64)")
-    p.set_defaults(func=check)
+    p.set_defaults(func=check, error=p.error)
     p = sub.add_parser("bench", help="the microbenchmark suite: each method vs hand-written JAX and jaxopt",
                        description=bench.__doc__)
     p.add_argument("--sections", nargs="+", choices=_BENCH_SECTIONS, default=list(_BENCH_SECTIONS),
@@ -241,18 +270,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in about a minute")
     p.add_argument("--out", default="bilevel-bench", help="output directory (default ./bilevel-bench)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
-    p.set_defaults(func=bench)
+    p.set_defaults(func=bench, error=p.error)
     return parser
 
 
+def _check_problem(args) -> str | None:
+    if args.dim < 1 or args.steps < 1:
+        return f"--dim and --steps must be >= 1; got --dim {args.dim} --steps {args.steps}"
+    return None
+
+
+def _bench_problem(args) -> str | None:
+    if min(args.repeats, args.cg_iters, args.devices) < 1:
+        return (f"bench needs --repeats, --cg-iters and --devices >= 1; got --repeats {args.repeats} "
+                f"--cg-iters {args.cg_iters} --devices {args.devices}")
+    return None
+
+
+_PROBLEMS = {"demo": _demo_problem, "check": _check_problem, "bench": _bench_problem}
+
+
 def main(argv=None) -> int:
-    """Entry point of the `bilevel` command."""
+    """Entry point of the `bilevel` command.
+
+    Arguments are checked before anything runs or is written: a bad one exits with status 2
+    and argparse's usage-and-error message, no traceback and no output directory.
+    """
     args = _parser().parse_args(argv)
-    if args.command == "check" and (args.dim < 1 or args.steps < 1):
-        _parser().error(f"--dim and --steps must be >= 1; got --dim {args.dim} --steps {args.steps}")
-    if args.command == "bench" and min(args.repeats, args.cg_iters, args.devices) < 1:
-        _parser().error(f"bench needs --repeats, --cg-iters and --devices >= 1; got --repeats {args.repeats} "
-                        f"--cg-iters {args.cg_iters} --devices {args.devices}")
+    problem = _PROBLEMS[args.command](args)
+    if problem:
+        args.error(problem)  # the subcommand's parser: prints its usage and the message, exits 2
     return args.func(args)
 
 

@@ -7,11 +7,19 @@ cross-entropy is the outer loss. Each gradient-based method runs `bilevel.optimi
 on λ from the same start; random search trains from scratch at as many random λ as the
 gradient methods take outer steps. Every final λ is then judged the same way: a model trained
 from scratch at λ with the evaluation training (more steps), scored on validation and test.
+
+A judged row is marked *diverged* when that training from scratch ends with a non-finite
+value or with a training objective above log(classes), the objective at the all-zero start:
+the inner learning rate is too large for that λ, and its losses mean nothing. The plot's
+curves are each method's validation loss *during* tuning (warm-started inner solves), so they
+end at other values than the table; the plot and the table's footer both say so.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import textwrap
 import time
 from pathlib import Path
 
@@ -90,8 +98,10 @@ def run(data: datasets.Dataset, out: Path, *, penalty: str, outer_steps: int, in
 
     def judge(log_lam) -> dict:
         params = evaluate(log_lam, params0, train)
-        return {"val_loss": float(cross_entropy(params, *val)), "test_loss": float(cross_entropy(params, *test)),
-                "test_accuracy": float(accuracy(params, *test))}
+        row = {"val_loss": float(cross_entropy(params, *val)), "test_loss": float(cross_entropy(params, *test)),
+               "test_accuracy": float(accuracy(params, *test)),
+               "train_objective": float(problem.inner(params, log_lam, train))}
+        return {**row, "diverged": diverged(row, classes)}
 
     say(f"bilevel demo: {data.name}, {train[0].shape[0]}/{val[0].shape[0]}/{test[0].shape[0]} "
         f"train/val/test, {features} features, {classes} classes; {penalty} log-penalties "
@@ -111,13 +121,33 @@ def run(data: datasets.Dataset, out: Path, *, penalty: str, outer_steps: int, in
         result.history.save(out / f"history_{name}.json")
         curves[name] = (np.cumsum(result.history["wall_time"]), result.history["value"])
         rows[name] = {**judge(result.hparams), "hypergradients": outer_steps, "wall_time": seconds}
-        say(f"  {name:<18} val {rows[name]['val_loss']:.4f}  test {rows[name]['test_loss']:.4f}  {seconds:6.1f} s")
+        say(_progress_line(name, rows[name]))
     rows["random search"], curves["random search"] = _random(
         problem, full_training, shape, params0, train, val, outer_steps, seed, judge)
-    say(f"  {'random search':<18} val {rows['random search']['val_loss']:.4f}  "
-        f"test {rows['random search']['test_loss']:.4f}  {rows['random search']['wall_time']:6.1f} s")
-    _write(out, rows, curves, data.name, penalty)
+    say(_progress_line("random search", rows["random search"]))
+    _write(out, rows, curves, data.name, penalty, classes=classes, inner_steps=inner_steps,
+           eval_steps=eval_steps, lr=lr)
     return rows
+
+
+def diverged(row: dict, classes: int) -> bool:
+    """Whether a judged training blew up: a non-finite number, or a training objective above log(classes).
+
+    At the all-zero start the training objective is exactly log(classes) (uniform
+    predictions, no penalty), and a training that works only lowers it.
+    """
+    values = (row["val_loss"], row["test_loss"], row["train_objective"])
+    return not all(math.isfinite(v) for v in values) or row["train_objective"] > math.log(classes)
+
+
+def _number(value: float) -> str:
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3g}"   # nan and inf print as such
+
+
+def _progress_line(name: str, row: dict) -> str:
+    flag = "  (diverged)" if row["diverged"] else ""
+    return (f"  {name:<18} val {_number(row['val_loss'])}  test {_number(row['test_loss'])}  "
+            f"{row['wall_time']:6.1f} s{flag}")
 
 
 def _random(problem, method, shape, params0, train, val, num, seed, judge):
@@ -137,29 +167,86 @@ def _random(problem, method, shape, params0, train, val, num, seed, judge):
     return row, (np.array(times), np.array(values))
 
 
-def _write(out: Path, rows: dict, curves: dict, name: str, penalty: str) -> None:
+def _footer(rows: dict, curves: dict, *, classes: int, inner_steps: int, eval_steps: int, lr: float) -> list:
+    """The notes printed under the table: how rows are judged, how the curves differ, what went wrong."""
+    notes = [f"Every row is judged alike: its final λ retrained from scratch ({eval_steps} steps) and scored on "
+             "validation and test. The curves in validation_vs_time.png are the validation loss *during* tuning, "
+             f"at warm-started inner parameters ({inner_steps} steps per outer step), so they end at other values "
+             "than this table."]
+    start = rows["start (no tuning)"]["val_loss"]
+    worse = [m for m, r in rows.items()
+             if m not in ("start (no tuning)", "random search") and not r["diverged"] and r["val_loss"] > start]
+    if worse:
+        notes.append(f"Worse than the start (no tuning): {', '.join(worse)}. Tuning moved λ the wrong way for the "
+                     "retrained model in this run: a biased hypergradient (the short horizon of truncation, few "
+                     "Neumann terms, H⁻¹ ≈ I) or the gap between warm-started tuning and retraining from scratch.")
+    search = rows.get("random search")
+    if search and not search["diverged"] and search["val_loss"] > start:
+        notes.append(f"Random search: none of its {search['trainings']} draws beat the start (no tuning).")
+    rising = _rising(curves)
+    if rising:
+        notes.append(f"Tuning curves that end above their first point: {', '.join(rising)}. The validation loss rose "
+                     "while they tuned: their hypergradient moved λ the wrong way.")
+    if any(r["diverged"] for r in rows.values()):
+        notes.append(f"A (diverged) row: the training from scratch at that λ ended with non-finite values or a training "
+                     f"objective above log {classes} = {math.log(classes):.3f} (its value at the all-zero start), so "
+                     f"its losses mean nothing: the inner learning rate (--lr {lr:g}) is too large for that λ. "
+                     "Lower --lr.")
+    return notes
+
+
+def _rising(curves: dict) -> list:
+    """The tuning curves that end above their first value."""
+    return [m for m, (_, v) in curves.items() if m != "random search" and len(v) > 1 and v[-1] > v[0]]
+
+
+def _caption(rows: dict, curves: dict, *, inner_steps: int, eval_steps: int) -> str:
+    """The text under the plot: what the lines and the crosses are, and which lines end above their start."""
+    caption = (f"Lines: validation loss during tuning, at warm-started inner parameters ({inner_steps} steps per "
+               f"outer step); random search: best so far, each trained from scratch. ×: the table's value, the final "
+               f"λ retrained from scratch ({eval_steps} steps), which is why lines end elsewhere.")
+    rising = _rising(curves)
+    if rising:
+        caption += f" Ending above their start ({', '.join(rising)}): the hypergradient moved λ the wrong way."
+    diverged_rows = [m for m, r in rows.items() if r["diverged"]]
+    if diverged_rows:
+        caption += f" Diverged, not marked: {', '.join(diverged_rows)} (lower --lr)."
+    return caption
+
+
+def _write(out: Path, rows: dict, curves: dict, name: str, penalty: str, *, classes: int, inner_steps: int,
+           eval_steps: int, lr: float) -> None:
     (out / "results.json").write_text(json.dumps(rows, indent=2))
     lines = ["| method | val loss | test loss | test accuracy | hypergradients | wall time (s) |",
              "|---|---|---|---|---|---|"]
     for method, r in rows.items():
         evals = r.get("trainings", r["hypergradients"])
         evals = f"{evals} trainings" if "trainings" in r else evals
-        lines.append(f"| {method} | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {r['test_accuracy']:.3f} "
-                     f"| {evals} | {r['wall_time']:.1f} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+        flag = " (diverged)" if r["diverged"] else ""
+        lines.append(f"| {method}{flag} | {_number(r['val_loss'])} | {_number(r['test_loss'])} | "
+                     f"{r['test_accuracy']:.3f} | {evals} | {r['wall_time']:.1f} |")
+    notes = _footer(rows, curves, classes=classes, inner_steps=inner_steps, eval_steps=eval_steps, lr=lr)
+    (out / "results.md").write_text("\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5.4))
     for method, (t, v) in curves.items():
-        ax.plot(t, v, label=method, marker="o" if method == "random search" else None, markersize=3)
+        (line,) = ax.plot(t, v, label=method, marker="o" if method == "random search" else None, markersize=3)
+        row = rows[method]
+        if method != "random search" and not row["diverged"]:
+            ax.plot(t[-1], row["val_loss"], marker="x", markersize=7, linestyle="none", color=line.get_color())
+    ax.plot([], [], marker="x", linestyle="none", color="0.3", label="final λ retrained (the table)")
     ax.set_xlabel("wall time (s, compilation included)")
     ax.set_ylabel("validation cross-entropy")
     ax.set_title(f"{name}: {penalty} L2 penalties tuned by each method")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    caption = _caption(rows, curves, inner_steps=inner_steps, eval_steps=eval_steps)
+    caption = textwrap.fill(caption, 115)
+    fig.text(0.01, 0.01, caption, fontsize=7, va="bottom", ha="left")
+    fig.tight_layout(rect=(0, 0.015 + 0.027 * (caption.count("\n") + 1), 1, 1))
     fig.savefig(out / "validation_vs_time.png", dpi=120)
     plt.close(fig)

@@ -83,12 +83,82 @@ def test_demo_on_mnist_from_a_path(tmp_path):
     (("--data", "mnist"), "needs --data-path"),
     (("--data", "mnist", "--data-path", "/nonexistent/mnist.npz"), "/nonexistent/mnist.npz"),
     (("--data-path", "x.npz"), "only for --data mnist"),
+    (("--num-train", 100), "--num-train is only for --data mnist"),
+    (("--num-val", 100), "--num-val is only for --data mnist"),
+    (("--data", "mnist", "--data-path", "x.npz", "--num-train", 0), "--num-train must be >= 1"),
     (("--methods", "unroll", "magic"), "unknown method"),
     (("--outer-steps", 0), "--outer-steps must be >= 1"),
+    (("--lr", 0, "--methods", "unroll"), "--lr must be a positive finite number"),
+    (("--lr", -1), "--lr must be a positive finite number"),
+    (("--lr", "nan"), "--lr must be a positive finite number"),
+    (("--outer-lr", 0), "--outer-lr must be a positive finite number"),
+    (("--log-lam0", "inf"), "--log-lam0 must be a finite number"),
+    (("--seed", -1), "--seed must be >= 0"),
 ])
 def test_demo_bad_input(tmp_path, args, message):
-    out = cli("demo", *args, "--out", tmp_path, timeout=120)
+    """Rejected up front: status 2, the message, no traceback, and no output directory left behind."""
+    out = cli("demo", *args, "--out", tmp_path / "out", timeout=120)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_bad_argument_reads_like_argparse(tmp_path):
+    out = cli("demo", "--lr", 0, "--out", tmp_path / "out", timeout=120)
+    assert out.stderr.startswith("usage: bilevel demo") and "bilevel demo: error: --lr" in out.stderr, out.stderr
+
+
+def test_demo_flags_diverged_rows(tmp_path):
+    """--lr 50 blows up the from-scratch trainings: those rows say so instead of showing a loss of 1e22."""
+    out = cli("demo", *SMALL, "--lr", 50, "--methods", "identity", "--out", tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert rows["random search"]["diverged"] and rows["start (no tuning)"]["diverged"]
+    assert "| random search (diverged) |" in out.stdout and "| start (no tuning) (diverged) |" in out.stdout
+    assert "A (diverged) row: the training from scratch" in out.stdout and "Lower --lr." in out.stdout
+
+
+def _row(val, train_objective=0.1, **extra):
+    return {"val_loss": val, "test_loss": val, "test_accuracy": 0.9, "train_objective": train_objective,
+            "hypergradients": 3, "wall_time": 1.0, **extra}
+
+
+@pytest.mark.parametrize("row, expected", [
+    (_row(0.12), False),
+    (_row(0.12, train_objective=2.2), False),     # below log 10 = 2.303: still learning
+    (_row(0.12, train_objective=2.4), True),      # above the all-zero start's objective
+    (_row(float("nan")), True),
+    (_row(1e22, train_objective=float("inf")), True),
+])
+def test_diverged(row, expected):
+    from bilevel import _demo
+
+    assert _demo.diverged(row, classes=10) is expected
+
+
+def test_table_footer_and_plot_caption_explain_the_curves(tmp_path):
+    """The footer says how rows are judged, names rising curves and rows worse than the start."""
+    from bilevel import _demo
+
+    rows = {"start (no tuning)": _row(0.13), "unroll": _row(0.11), "truncate": _row(0.14),
+            "identity": _row(5.0, train_objective=9.0), "random search": _row(0.15, trainings=3)}
+    for row in rows.values():
+        row["diverged"] = _demo.diverged(row, classes=10)
+    t = np.arange(3.0)
+    curves = {"unroll": (t, np.array([0.15, 0.12, 0.11])), "truncate": (t, np.array([0.15, 0.13, 0.16])),
+              "identity": (t, np.array([0.15, 0.5, 3.0])), "random search": (t, np.array([0.2, 0.15, 0.15]))}
+    _demo._write(tmp_path, rows, curves, "toy", "per-class", classes=10, inner_steps=5, eval_steps=20, lr=0.1)
+    table = (tmp_path / "results.md").read_text()
+    assert "| identity (diverged) |" in table and "| unroll |" in table
+    assert "retrained from scratch (20 steps)" in table and "warm-started inner parameters (5 steps" in table
+    assert "Worse than the start (no tuning): truncate." in table          # identity diverged: not listed
+    assert "Random search: none of its 3 draws beat the start" in table
+    assert "end above their first point: truncate, identity." in table
+    assert "A (diverged) row" in table and "--lr 0.1" in table
+    assert (tmp_path / "validation_vs_time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    caption = _demo._caption(rows, curves, inner_steps=5, eval_steps=20)
+    assert "warm-started" in caption and "retrained from scratch (20 steps)" in caption
+    assert "Ending above their start (truncate, identity)" in caption and "Diverged, not marked: identity" in caption
 
 
 def test_demo_unwritable_output(tmp_path):
