@@ -231,18 +231,47 @@ def _run_joint(driver, state, exact, steps, seed=1):
 
 
 def test_local_hypertraining_finds_the_ridge_optimum():
-    """Algorithm 3 moves λ̂ to the minimiser of the exact validation curve."""
+    """Algorithm 3 moves λ̂ to the minimiser of the exact validation curve, and its linear hypernet
+    ends at the best linear fit of w* over the perturbation around λ̂, on every one of four seeds.
+
+    Step sizes decay to zero: with constant Adam steps the run ends on a limit cycle, not a point.
+    Each φ step moves every weight by up to the learning rate and the slope's input
+    (λ̂ − λ₀)/scale is about −24 here, so h_φ(λ̂) jitters by O(24·lr) and the last ‖∇_w L_T‖ ranged
+    over 5e-3..0.6 with the seed, with vmap vs a loop, with the last bits of the floating point.
+    Decayed, the run settles where the problem says: the linear fit of w* over λ ~ N(λ̂, σ²)
+    (weighted by the inner Hessian) has intercept w*(λ̂) + ½σ²w*''(λ̂) + O(σ⁴) (E[ε²] = 1, and the
+    Hessian's λ-dependence enters at E[ε(ε² − 1)] = 0) and slope dw*/dλ + O(σ²).
+    """
+    sigma, steps, hypernet_steps = 0.05, 2000, 5
     exact = blt.Ridge.sample(0, dim=5, noise=1.0, n_train=6, log_lam=1.0)
     grid = jnp.linspace(-4.0, 3.0, 7001)
     best = grid[jnp.argmin(jax.vmap(exact.value)(grid))]
     assert -3.5 < best < 2.5                                  # an interior optimum exists
-    driver = bl.hypertrain_local(exact.problem, optax.adam(3e-2), optax.adam(1e-2),
-                                 perturb=bl.gaussian(0.05), num_samples=8, hypernet_steps=5)
+    driver = bl.hypertrain_local(
+        exact.problem, optax.adam(optax.cosine_decay_schedule(3e-2, steps * hypernet_steps)),
+        optax.adam(optax.cosine_decay_schedule(1e-2, steps)),
+        perturb=bl.gaussian(sigma), num_samples=8, hypernet_steps=hypernet_steps)
     lam0 = exact.hparams
-    state = driver.init(bl.linear_hypernet(exact.params0, lam0, scale=0.05), lam0, exact.params0)
-    state, info = _run_joint(driver, state, exact, 3000)
-    assert abs(float(state.variables) - float(best)) < 0.05, (state.variables, best)
-    assert float(info.stats["inner_grad_norm"][-1]) < 1e-2
+    state = driver.init(bl.linear_hypernet(exact.params0, lam0, scale=sigma), lam0, exact.params0)
+    seeds = jnp.arange(1, 5)
+    states, infos = jax.vmap(lambda seed: _run_joint(driver, state, exact, steps, seed))(seeds)
+    for i in range(len(seeds)):
+        lam = states.variables[i]
+        net = jax.tree_util.tree_map(lambda x: x[i], states.hypernet)
+        # Where L_V's gradient through the σ-fit vanishes: its O(σ²) intercept and slope offsets
+        # move that point O(σ²) from the optimum (to second order 4e-4 here), the grid's spacing
+        # is 1e-3. Measured <= 1.1e-3 over seeds, float32, vmap vs loop and a 1-ulp λ₀.
+        assert abs(float(lam) - float(best)) < 4 * sigma**2, (i, lam, best)
+        offset = 0.5 * sigma**2 * jax.jacfwd(jax.jacfwd(exact.response))(lam)
+        # The hypernet at λ̂ is the σ-fit: what is left beyond ½σ²w*'' is its O(σ⁴) rest and the
+        # last decayed Adam steps (measured <= 0.13‖offset‖). Without the fit's offset (h = w*)
+        # or with the constant-step jitter (‖h − w*‖ up to 0.1) this fails.
+        error = net(lam) - exact.response(lam)
+        assert float(jnp.linalg.norm(error - offset)) < 0.5 * float(jnp.linalg.norm(offset)), (i, error, offset)
+        # So the reported ‖∇_w L_T(h_φ(λ̂), λ̂)‖ = ‖H(λ̂)(h − w*)‖ is about ‖H·offset‖ (6.7e-4;
+        # measured 0.86..1.14 of it), not 0.
+        grad_bound = 2 * float(jnp.linalg.norm(exact.hessian(lam) @ offset))
+        assert float(infos.stats["inner_grad_norm"][i, -1]) < grad_bound, (i, infos.stats["inner_grad_norm"][i, -1])
 
 
 def test_simplified_hypertraining_tracks_the_best_response_at_fixed_lambda():
