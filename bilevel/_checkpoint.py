@@ -75,20 +75,25 @@ class _Describer:
             return self.inexact("<too large to describe>")
         if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes)):
             return repr(obj)
-        if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
-            return self.array(obj)
         if isinstance(obj, types.ModuleType):
             return f"module {obj.__name__}"
         if id(obj) in path:
             return f"<cycle {type(obj).__qualname__}>"
         if len(path) > _MAX_DEPTH:
             return self.inexact(f"<nested too deep {type(obj).__qualname__}>")
-        return self.compound(obj, functools.partial(self, path=path + (id(obj),)))
+        try:
+            if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+                return self.array(obj)
+            return self.compound(obj, functools.partial(self, path=path + (id(obj),)))
+        except Exception:  # an attribute that raises, an array that cannot be read: name it only
+            return self.inexact(f"<{type(obj).__module__}.{type(obj).__qualname__} object>")
 
     def array(self, obj) -> str:
         if jax.dtypes.issubdtype(obj.dtype, jax.dtypes.prng_key):
             obj = jax.random.key_data(obj)
         a = np.ascontiguousarray(np.asarray(obj))
+        if a.dtype.hasobject:   # its bytes are addresses
+            return self.inexact(f"array{a.shape}{a.dtype}")
         data = a.tobytes() if a.nbytes <= _MAX_HASHED_BYTES else self.sample(a)
         return f"array{a.shape}{a.dtype}:{_sha(data)[:16]}"
 
@@ -321,7 +326,7 @@ def _check_fingerprint(path: Path, saved: dict, current: dict) -> None:
     if differing:
         raise ValueError(
             f"The checkpoint {path} was written by a different run: its {', '.join(differing)} "
-            "differ from this call's. Resuming would mix two runs. Pass the same problem (the "
+            f"{'differs' if len(differing) == 1 else 'differ'} from this call's. Resuming would mix two runs. Pass the same problem (the "
             "same loss code and the same globals it reads), method, optimizers, transform, "
             "hparams0, params0 and fingerprint as the run that wrote it, or a new checkpoint_dir "
             "to start a separate run."

@@ -489,13 +489,23 @@ def test_a_fingerprint_must_be_json():
         run(steps=2, fingerprint=object())
 
 
-def test_an_edited_history_in_the_manifest_is_refused(tmp_path):
+def _edit_history(manifest):
+    manifest["history"]["value"][0] = 0.0
+
+
+def _older_format(manifest):
+    manifest["format"] = "bilevel-checkpoint/1"
+
+
+@pytest.mark.parametrize("edit, match", [(_edit_history, "corrupted.*edited"),
+                                         (_older_format, "format 'bilevel-checkpoint/1'")])
+def test_an_edited_manifest_is_refused(tmp_path, edit, match):
     adam_run(steps=4, checkpoint_dir=tmp_path, checkpoint_every=2)
     path = tmp_path / "step_00000004.json"
     manifest = json.loads(path.read_text())
-    manifest["history"]["value"][0] = 0.0
+    edit(manifest)
     path.write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match="corrupted.*edited"):
+    with pytest.raises(ValueError, match=match):
         adam_run(steps=6, checkpoint_dir=tmp_path, resume=True)
 
 
