@@ -450,7 +450,8 @@ class _Monitor:
             f"{high} of the {n} steps so far, so the hypergradients are only approximate. Give the "
             "linear solver more iterations (e.g. bilevel.cg(maxiter=...)), converge the inner solve "
             "better (more inner steps, so that ∇_w L_T ≈ 0 where the Hessian is taken), or use "
-            "bilevel.gmres if the Hessian is indefinite. Pass residual_warning=None to silence this."))
+            "bilevel.gmres if the Hessian is indefinite. If the approximation is deliberate "
+            "(bilevel.identity, a short Neumann series), pass residual_warning=None."))
 
     def _once(self, kind: str, message: str) -> list[str]:
         if kind in self.warned:
