@@ -590,9 +590,10 @@ def optimize(
     `OptimizeError` that names the step and what failed; the failed step's state is neither
     kept nor saved (`error.result` holds the state before it, and with `checkpoint_dir` that
     state is the newest checkpoint). Separately, an `OptimizeWarning` is issued, once per run,
-    when the implicit backward solve's `stats["solve_residual"]` stays above
-    `residual_warning` in more than half of the steps (from the fifth on), and when conjugate
-    gradients meets negative curvature (`stats["solve_negative_curvature"]`).
+    when the implicit backward solve's `stats["solve_residual"]` is above `residual_warning`
+    in more than half of the steps so far (checked from the fifth step of the call on, or
+    from its last in a shorter run), and when conjugate gradients meets negative curvature
+    (`stats["solve_negative_curvature"]`).
 
     **Resume checks.** A checkpoint is refused, with an error naming what differs, when it was
     written by a different run or was damaged or edited. The run's fingerprint covers: the
