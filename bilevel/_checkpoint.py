@@ -324,9 +324,10 @@ def _check_manifest(path: Path, manifest: dict, step: int) -> None:
 def _check_fingerprint(path: Path, saved: dict, current: dict) -> None:
     differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differing:
+        verb = "differs" if len(differing) == 1 else "differ"
         raise ValueError(
             f"The checkpoint {path} was written by a different run: its {', '.join(differing)} "
-            f"{'differs' if len(differing) == 1 else 'differ'} from this call's. Resuming would mix two runs. Pass the same problem (the "
+            f"{verb} from this call's. Resuming would mix two runs. Pass the same problem (the "
             "same loss code and the same globals it reads), method, optimizers, transform, "
             "hparams0, params0 and fingerprint as the run that wrote it, or a new checkpoint_dir "
             "to start a separate run."
