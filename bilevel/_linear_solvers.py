@@ -4,15 +4,24 @@ Each solver is an immutable settings object with `solve(matvec, b) -> (x, stats)
 `matvec` is a linear function on pytrees and `stats` is a dict of float scalars with the
 keys of `stats_template`. `bilevel.implicit` wraps the solve in `jax.lax.custom_linear_solve`
 so it is transposable (reverse mode) and differentiable (higher order).
+
+Every solver runs on a normalised system: `solve` divides the right-hand side by its largest
+absolute entry, solves, and scales the solution back, so a right-hand side far below (or
+above) one is solved as well as one of order one, and the reported residuals are those of
+the normalised system (relative, so the same number). A right-hand side that is not finite
+gives a solution of NaNs, never zeros: a NaN in the validation data must show.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
+import math
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._base import tree_norm, tree_vdot
@@ -25,6 +34,12 @@ def _check_number(value, name: str, where: str, *, positive: bool) -> float:
         raise TypeError(
             f"{where} requires `{name}` to be a Python number; got {type(value).__name__} "
             f"{value!r}."
+        )
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{where} requires a finite `{name}`; got {name}={value}. An infinite or NaN "
+            f"setting turns the solve into a no-op or NaNs. Pass a finite value, e.g. "
+            f"{name}={'1e-6' if name.endswith('tol') else '0.01'}."
         )
     if positive and not value > 0:
         raise ValueError(f"{where} requires `{name}` > 0; got {name}={value}. Pass a positive value.")
@@ -48,18 +63,47 @@ def _check_count(value, name: str, where: str, minimum: int) -> int:
     return value
 
 
+def _py(value):
+    """NumPy scalars (np.float64(0.1), np.int64(5)) as Python numbers; anything else unchanged."""
+    return value.item() if isinstance(value, np.generic) and value.ndim == 0 else value
+
+
 def _relative_residual(matvec, x, b):
     r = _tmap(jnp.subtract, matvec(x), b)
     bnorm = tree_norm(b)
     return tree_norm(r) / jnp.where(bnorm > 0, bnorm, 1.0)
 
 
+def _max_abs(tree) -> jax.Array:
+    """The largest absolute entry of a pytree (0 for an all-zero one, NaN if any is NaN)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in leaves],
+                            0.0)
+
+
 class AbstractLinearSolver(eqx.Module):
     """A way to apply H⁻¹ (or an approximation) for the implicit function theorem."""
 
-    @abc.abstractmethod
     def solve(self, matvec, b):
-        """Return `(x, stats)` with `x ≈ H⁻¹ b` for `H = matvec`."""
+        """Return `(x, stats)` with `x ≈ H⁻¹ b` for `H = matvec`.
+
+        The system is normalised first (b divided by its largest absolute entry), so tiny
+        or huge right-hand sides are solved like ones of order one; a non-finite b gives a
+        NaN solution (and NaN residual) instead of the zeros an unstarted iteration returns.
+        """
+        scale = jnp.asarray(_max_abs(b))
+        finite = jnp.isfinite(scale)
+        safe = jnp.where(finite & (scale > 0), scale, 1.0)
+        x, stats = self._solve(matvec, _tmap(lambda v: v / safe.astype(v.dtype), b), safe)
+        nan = jnp.asarray(jnp.nan)
+        x = _tmap(lambda v: jnp.where(finite, v * safe.astype(v.dtype), nan.astype(v.dtype)), x)
+        stats = {k: jnp.where(finite | (k != "solve_residual"), v, nan.astype(v.dtype))
+                 for k, v in stats.items()}
+        return x, stats
+
+    @abc.abstractmethod
+    def _solve(self, matvec, b, scale):
+        """Solve with `b` divided by `scale` (its largest entry is then ±1): `(x, stats)`."""
 
     @abc.abstractmethod
     def stats_template(self, dtype) -> dict:
@@ -71,7 +115,7 @@ class AbstractLinearSolver(eqx.Module):
         for key, value in stats.items():
             if key.endswith("_iterations"):
                 value = jnp.round(value).astype(jnp.int32)
-            elif key.endswith("_diverged"):
+            elif key.endswith(("_diverged", "_negative_curvature")):
                 value = value > 0.5
             out[key] = value
         return out
@@ -84,7 +128,8 @@ def _zeros(dtype, *keys):
 class Exact(AbstractLinearSolver):
     """Dense solve: materialise H and call `jnp.linalg.solve`. See `bilevel.exact`."""
 
-    def solve(self, matvec, b):
+    def _solve(self, matvec, b, scale):
+        del scale
         flat_b, unravel = ravel_pytree(b)
         flat_mv = lambda v: ravel_pytree(matvec(unravel(v)))[0]  # noqa: E731
         eye = jnp.eye(flat_b.size, dtype=flat_b.dtype)
@@ -111,16 +156,16 @@ class CG(AbstractLinearSolver):
         _check_number(self.tol, "tol", where, positive=False)
         _check_number(self.atol, "atol", where, positive=False)
 
-    def solve(self, matvec, b):
+    def _solve(self, matvec, b, scale):
         bnorm2 = tree_vdot(b, b)
-        stop2 = jnp.maximum(self.tol**2 * bnorm2, self.atol**2)
+        atol = float(self.atol) / scale  # b was divided by `scale`, so is the absolute tolerance
+        stop2 = jnp.maximum(float(self.tol) ** 2 * bnorm2, (atol**2).astype(bnorm2.dtype))
 
         def cond(state):
-            _, _, _, rs, k = state
-            return (k < self.maxiter) & (rs > stop2)
+            return (state[4] < self.maxiter) & (state[3] > stop2)
 
         def body(state):
-            x, r, p, rs, k = state
+            x, r, p, rs, k, negative = state
             ap = matvec(p)
             pap = tree_vdot(p, ap)
             alpha = rs / jnp.where(pap != 0, pap, 1.0)
@@ -129,19 +174,20 @@ class CG(AbstractLinearSolver):
             rs_new = tree_vdot(r, r)
             beta = rs_new / jnp.where(rs != 0, rs, 1.0)
             p = _tmap(lambda ri, pi: ri + beta * pi, r, p)
-            return x, r, p, rs_new, k + 1
+            return x, r, p, rs_new, k + 1, negative | (pap <= 0)
 
         x0 = _tmap(jnp.zeros_like, b)
-        init = (x0, b, b, bnorm2, jnp.zeros((), jnp.int32))
-        x, _, _, _, k = jax.lax.while_loop(cond, body, init)
+        init = (x0, b, b, bnorm2, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        x, _, _, _, k, negative = jax.lax.while_loop(cond, body, init)
         dtype = jnp.result_type(bnorm2)
         return x, {
             "solve_residual": _relative_residual(matvec, x, b),
             "solve_iterations": k.astype(dtype),
+            "solve_negative_curvature": negative.astype(dtype),
         }
 
     def stats_template(self, dtype):
-        return _zeros(dtype, "solve_residual", "solve_iterations")
+        return _zeros(dtype, "solve_residual", "solve_iterations", "solve_negative_curvature")
 
 
 class GMRES(AbstractLinearSolver):
@@ -157,9 +203,10 @@ class GMRES(AbstractLinearSolver):
         _check_count(self.restart, "restart", where, 1)
         _check_number(self.tol, "tol", where, positive=False)
 
-    def solve(self, matvec, b):
+    def _solve(self, matvec, b, scale):
+        del scale
         x, _ = jax.scipy.sparse.linalg.gmres(
-            matvec, b, tol=self.tol, atol=0.0, restart=self.restart, maxiter=self.maxiter,
+            matvec, b, tol=float(self.tol), atol=0.0, restart=self.restart, maxiter=self.maxiter,
             solve_method="batched",
         )
         return x, {"solve_residual": _relative_residual(matvec, x, b)}
@@ -179,13 +226,14 @@ class Neumann(AbstractLinearSolver):
         _check_count(self.terms, "terms", where, 0)
         _check_number(self.alpha, "alpha", where, positive=True)
 
-    def solve(self, matvec, b):
-        first = _tmap(lambda x: self.alpha * x, b)
+    def _solve(self, matvec, b, scale):
+        alpha = float(self.alpha)  # a Python float keeps b's dtype (np.float64 would promote it)
+        first = _tmap(lambda x: alpha * x, b)
         n0 = tree_norm(first)
 
         def step(carry, _):
             term, total, norm, max_ratio = carry
-            term = _tmap(lambda t, ht: t - self.alpha * ht, term, matvec(term))
+            term = _tmap(lambda t, ht: t - alpha * ht, term, matvec(term))
             new_norm = tree_norm(term)
             ratio = new_norm / jnp.where(norm > 0, norm, 1.0)
             max_ratio = jnp.maximum(max_ratio, jnp.where(norm > 0, ratio, 0.0))
@@ -196,24 +244,25 @@ class Neumann(AbstractLinearSolver):
         finite = jnp.all(jnp.isfinite(norm)) & jnp.isfinite(tree_norm(total))
         diverged = ~(max_ratio < 1.0) | ~finite  # written so that NaN counts as diverged
         return total, {
-            "neumann_last_term": norm,
+            "solve_residual": _relative_residual(matvec, total, b),
+            "neumann_last_term": norm * scale.astype(norm.dtype),
             "neumann_ratio": max_ratio,
             "neumann_diverged": diverged.astype(n0.dtype),
         }
 
     def stats_template(self, dtype):
-        return _zeros(dtype, "neumann_last_term", "neumann_ratio", "neumann_diverged")
+        return _zeros(dtype, "solve_residual", "neumann_last_term", "neumann_ratio", "neumann_diverged")
 
 
 class Identity(AbstractLinearSolver):
     """H⁻¹ ≈ I: the one-step / T1−T2 / greedy approximation. See `bilevel.identity`."""
 
-    def solve(self, matvec, b):
-        del matvec
-        return b, {}
+    def _solve(self, matvec, b, scale):
+        del scale
+        return b, {"solve_residual": _relative_residual(matvec, b, b)}
 
     def stats_template(self, dtype):
-        return {}
+        return _zeros(dtype, "solve_residual")
 
 
 def exact() -> Exact:
@@ -256,7 +305,10 @@ def cg(maxiter: int = 100, tol: float = 1e-6, *, atol: float = 0.0) -> CG:
     **Returns:**
 
     A linear solver for `bilevel.implicit`. Its stats: `solve_residual` (true relative
-    residual ‖Hx − b‖/‖b‖) and `solve_iterations`.
+    residual ‖Hx − b‖/‖b‖), `solve_iterations` and `solve_negative_curvature` (True when
+    CG met a direction with pᵀHp ≤ 0: H is not positive definite at w, the IFT system is
+    not a minimum's, and the result is unreliable; use `bilevel.gmres` or converge the
+    inner solve).
 
     **Example:**
 
@@ -267,7 +319,7 @@ def cg(maxiter: int = 100, tol: float = 1e-6, *, atol: float = 0.0) -> CG:
     method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=500), bl.cg(maxiter=50, tol=1e-10))
     ```
     """
-    return CG(maxiter, tol, atol)
+    return CG(_py(maxiter), _py(tol), _py(atol))
 
 
 def gmres(maxiter: int = 10, tol: float = 1e-6, *, restart: int = 20) -> GMRES:
@@ -295,7 +347,7 @@ def gmres(maxiter: int = 10, tol: float = 1e-6, *, restart: int = 20) -> GMRES:
     method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=500), bl.gmres(maxiter=5, tol=1e-8))
     ```
     """
-    return GMRES(maxiter, tol, restart)
+    return GMRES(_py(maxiter), _py(tol), _py(restart))
 
 
 def neumann(terms: int, alpha: float) -> Neumann:
@@ -303,7 +355,10 @@ def neumann(terms: int, alpha: float) -> Neumann:
 
     (Lorraine et al. 2020.) Costs `terms` Hessian-vector products. The error decays like
     ρ^(terms+1) with ρ the spectral radius of I − αH; the series converges only when
-    ρ < 1, i.e. 0 < α < 2/λ_max(H) and H positive definite. Its stats report
+    ρ < 1, i.e. 0 < α < 2/λ_max(H) and H positive definite. On an indefinite H (negative
+    eigenvalues, e.g. an unconverged network) the series converges to the wrong answer or
+    not at all, often without any term growing; `solve_residual` (‖Hx − b‖/‖b‖ of the
+    result, one extra Hessian-vector product) shows it. Its stats report
     `neumann_last_term` (norm of the last term added), `neumann_ratio` (largest ratio of
     successive term norms, a lower bound on ρ) and `neumann_diverged`, set when a term grew
     (which proves ρ > 1 since I − αH is symmetric) or the sum is not finite.
@@ -326,18 +381,20 @@ def neumann(terms: int, alpha: float) -> Neumann:
     method = bl.implicit(bl.unroll(optax.adam(1e-2), steps=2000), bl.neumann(terms=20, alpha=0.01))
     ```
     """
-    return Neumann(terms, alpha)
+    return Neumann(_py(terms), _py(alpha))
 
 
 def identity() -> Identity:
     """Approximate H⁻¹ by the identity (one-step / T1−T2 / greedy hypergradient).
 
     The hypergradient becomes ∂L_V/∂λ − (∂²L_T/∂λ∂w)ᵀ ∂L_V/∂w (Luketina et al. 2016):
-    no linear solve at all. Equivalent to `neumann(terms=0, alpha=1.0)`.
+    no linear solve at all. Equivalent to `neumann(terms=0, alpha=1.0)`. An approximation
+    unless H = I; its error is reported as `solve_residual` (‖Hb − b‖/‖b‖, one
+    Hessian-vector product).
 
     **Returns:**
 
-    A linear solver for `bilevel.implicit`.
+    A linear solver for `bilevel.implicit`. Its stats: `solve_residual`.
 
     **Example:**
 
