@@ -58,6 +58,8 @@ from ._online import Online as Online, OnlineInfo as OnlineInfo, OnlineState as 
 from ._optimize import (
     History as History,
     HyperOpt as HyperOpt,
+    OptimizeError as OptimizeError,
+    OptimizeWarning as OptimizeWarning,
     HyperOptInfo as HyperOptInfo,
     HyperOptState as HyperOptState,
     OptimizeResult as OptimizeResult,

@@ -44,6 +44,14 @@ class AbstractMethod(eqx.Module):
         """Check the inner batch against the method's settings (step count) at trace time."""
         del inner_batch
 
+    def _check_memory(self, hparams, params0) -> None:
+        """Raise at trace time when reverse mode through the method cannot fit in memory."""
+        del hparams, params0
+
+    def _allows_complex(self) -> bool:
+        """Whether complex inner parameters are differentiated correctly (autodiff: yes)."""
+        return True
+
 
 def tree_norm(tree: PyTree) -> jax.Array:
     """Euclidean norm of all leaves of a pytree taken together."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ._base import AbstractMethod, vary_like as _vary_like
 from ._implicit import Implicit, Solver
-from ._problem import PerStep, Problem, check_hparams, check_loss, tree_summary
+from ._problem import PerStep, Problem, canonical, check_hparams, check_loss, check_params0, tree_summary
 
 PyTree = Any
 
@@ -26,8 +26,10 @@ class HypergradResult(NamedTuple):
     - `params`: the inner parameters w reached by the forward pass.
     - `stats`: a dict of diagnostics: always `inner_grad_norm` (‖∇_w L_T‖ at w, how far w
       is from stationary); for `implicit`, the backward solve's `solve_residual`
-      (‖Hx − b‖/‖b‖), `solve_iterations` (CG), or `neumann_last_term`, `neumann_ratio`
-      and `neumann_diverged` (Neumann).
+      (‖Hx − b‖/‖b‖, every linear solver), `solve_iterations` and
+      `solve_negative_curvature` (CG), or `neumann_last_term`, `neumann_ratio` and
+      `neumann_diverged` (Neumann); `truncated_steps` for `truncate`; `jacobian_norm` and
+      `clip_fraction` for `forward_mode`.
     """
 
     value: jax.Array
@@ -58,6 +60,8 @@ def _first_batch(batch):
 
 def _check_call(problem, method, hparams, params0, inner_batch, outer_batch=None, outer=False):
     check_hparams(hparams, "hypergrad/response")
+    check_params0(params0, f"hypergrad/response with {type(method).__name__}",
+                  allow_complex=method._allows_complex())
     method._check_batch(inner_batch)
     check_loss(problem.inner, "inner", params0, hparams, _first_batch(inner_batch))
     if outer:
@@ -130,6 +134,7 @@ def response(problem: Problem, method: AbstractMethod) -> Callable:
     _check_problem_method(problem, method, "response(problem, method)")
 
     def respond(hparams, params0, inner_batch):
+        hparams, params0, inner_batch = canonical((hparams, params0, inner_batch))
         _check_call(problem, method, hparams, params0, inner_batch)
         split, arrays, full = _split_params(problem, method, params0)
         arrays = _vary_like(arrays, hparams, inner_batch)
@@ -179,8 +184,10 @@ def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
     _check_problem_method(problem, method, "hypergrad(problem, method)")
 
     def hg(hparams, params0, inner_batch, outer_batch):
+        hparams, params0, inner_batch, outer_batch = canonical((hparams, params0, inner_batch, outer_batch))
         _check_call(problem, method, hparams, params0, inner_batch, outer_batch, outer=True)
         split, arrays, full = _split_params(problem, method, params0)
+        method._check_memory(hparams, arrays)
         arrays = _vary_like(arrays, hparams, inner_batch, outer_batch)
 
         def loss(h, probe):

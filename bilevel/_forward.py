@@ -1,4 +1,4 @@
-"""Forward-mode hypergradients: carry the Jacobian y_t = dw_t/dλ along the steps (seed 004).
+"""Forward-mode hypergradients: carry the Jacobian y_t = dw_t/dλ along the steps (Online Hyper-parameter Optimization).
 
 An unroll's steps form the dynamical system `(w, s)_{t+1} = step((w, s)_t, λ)` (parameters
 `w`, optimizer state `s`). Differentiating it with respect to λ gives the linear system
@@ -9,7 +9,7 @@ one column per scalar hyperparameter. `forward_mode` runs both together in one `
 each step is linearised once (`jax.linearize`) and the linear map is applied to all columns
 at once (`jax.vmap`), so the cost is one step plus one batched JVP per step, and the memory is
 the carry — independent of the number of steps. With `clip=r` the parameter block of `Y` is
-projected on the ball of radius `r` after every step (seed 004, eq. 9); the optimizer-state
+projected on the ball of radius `r` after every step (Online Hyper-parameter Optimization, eq. 9); the optimizer-state
 block is scaled by the same factor so the carried tangent stays one consistent, rescaled
 sensitivity.
 
@@ -90,13 +90,20 @@ def tangent_step(problem: Problem, optimizer_fn, hparams, params, opt_state, jac
     return params, eqx.combine(diff, rest), jac
 
 
+def _safe_norm(tree) -> jax.Array:
+    """`tree_norm` whose derivative at zero is zero, not NaN (the Jacobian starts at zero)."""
+    sq = sum(jnp.sum(jnp.abs(y) ** 2) for y in jax.tree_util.tree_leaves(tree))
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
 def project(jac, radius):
     """Project the parameter block of `Y` on the ball of radius `radius`; scale s's block alike.
 
     Returns the projected Jacobian and whether it was clipped. `radius` may be traced, and
     `inf` never clips.
     """
-    norm = tree_norm(jac[0])
+    norm = _safe_norm(jac[0])
     clipped = norm > radius
     scale = jnp.where(clipped, radius / jnp.where(clipped, norm, 1.0), 1.0)
     jac = jax.tree_util.tree_map(lambda y: y * scale.astype(y.dtype), jac)
@@ -122,12 +129,15 @@ class ForwardMode(AbstractMethod):
             if not ok or not self.clip > 0:
                 raise ValueError(
                     "forward_mode(method, clip=r) requires a radius r > 0 (a Python float) or "
-                    f"None for no projection; got clip={self.clip!r}. The seed uses r between 2 "
-                    "and 20, e.g. clip=5.0."
+                    f"None for no projection; got clip={self.clip!r}. Online Hyper-parameter "
+                    "Optimization uses r between 2 and 20, e.g. clip=5.0."
                 )
 
     def _check_batch(self, inner_batch) -> None:
         self.method._check_batch(inner_batch)
+
+    def _allows_complex(self) -> bool:
+        return False
 
     def _trajectory(self, problem, hparams, params0, batch):
         """Run the steps and the Jacobian together: `(params, Y_w, stats)`."""
@@ -158,31 +168,55 @@ class ForwardMode(AbstractMethod):
         return _forward_response(self, problem)(hparams, params0, batch)
 
 
-def _forward_response(method: ForwardMode, problem: Problem):
-    @jax.custom_jvp
-    def respond(hparams, params0, batch):
-        params, _, stats = method._trajectory(problem, hparams, params0, batch)
-        return params, stats
+_NO_PARAMS0_OR_DATA = (
+    "forward_mode carries dw/dλ only: it cannot differentiate with respect to params0 or the "
+    "inner batch, and a derivative with respect to them was requested (e.g. jax.grad over "
+    "params0, or a jvp with a non-zero batch tangent). Use bilevel.unroll for derivatives with "
+    "respect to the initialisation or the data."
+)
 
-    def respond_jvp(primals, tangents):
+
+def _forward_response(method: ForwardMode, problem: Problem):
+    """`respond(hparams, params0, batch) -> (params, stats)` with the rule dw = Y dλ at every order.
+
+    The custom JVP is on the whole trajectory `(params, Y, stats)`. Its rule computes the
+    primal by calling itself, so enclosing derivatives (`jax.grad` of the value, a Hessian)
+    apply the same rule: the derivative of w is always the carried, projected Y, and
+    `jax.grad` of the value equals the reported `grad`. The tangent of Y is ordinary forward
+    autodiff through the steps (dead code, removed by XLA, unless a second derivative uses
+    it): without clipping Y = dw/dλ and every order is exact; with clipping the second
+    derivative is that of the projected Jacobian, an approximation (`clip_fraction` > 0).
+    """
+
+    def trajectory(hparams, params0, batch):
+        return method._trajectory(problem, hparams, params0, batch)
+
+    @jax.custom_jvp
+    def run(hparams, params0, batch):
+        return trajectory(hparams, params0, batch)
+
+    def run_jvp(primals, tangents):
         hparams, params0, batch = primals
         d_hparams, d_params0, d_batch = tangents
         if not _all_zero((d_params0, d_batch)):
-            raise ValueError(
-                "forward_mode carries dw/dλ only: it cannot differentiate with respect to "
-                "params0 or the inner batch, and a derivative with respect to them was requested "
-                "(e.g. jax.grad over params0, or a jvp with a non-zero batch tangent). Use "
-                "bilevel.unroll for derivatives with respect to the initialisation or the data."
-            )
-        params, jac, stats = method._trajectory(problem, hparams, params0, batch)
+            raise ValueError(_NO_PARAMS0_OR_DATA)
+        out = run(hparams, params0, batch)
+        params, jac, stats = out
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, out)
+        if _all_zero(d_hparams):
+            return out, zeros
         d_hparams = jax.tree_util.tree_map(
             _instantiate, d_hparams, hparams,
             is_leaf=lambda x: isinstance(x, jax.custom_derivatives.SymbolicZero))
-        d_params = contract(jac, d_hparams)
-        d_stats = jax.tree_util.tree_map(jnp.zeros_like, stats)
-        return (params, stats), (d_params, d_stats)
+        _, d_jac = jax.jvp(lambda h: trajectory(h, params0, batch)[1], (hparams,), (d_hparams,))
+        return out, (contract(jac, d_hparams), d_jac, zeros[2])
 
-    respond.defjvp(respond_jvp, symbolic_zeros=True)
+    run.defjvp(run_jvp, symbolic_zeros=True)
+
+    def respond(hparams, params0, batch):
+        params, _, stats = run(hparams, params0, batch)
+        return params, stats
+
     return respond
 
 
@@ -200,12 +234,17 @@ def forward_mode(method: Unroll, *, clip: float | None = None) -> ForwardMode:
     With `clip=None`, `P` is the identity and the derivative equals `unroll`'s exactly.
     With `clip=r`, `P` projects `y` on the ball of radius `r`,
     `P(y) = r / max(‖y‖, r) · y`, where `‖·‖` is the norm of the whole Jacobian pytree
-    (seed 004, eq. 9); the optimizer-state tangent is scaled by the same factor. Clipping
+    (Online Hyper-parameter Optimization, eq. 9); the optimizer-state tangent is scaled by the same factor. Clipping
     shortens the memory of early, unconverged steps, so the estimate is biased but stable.
 
     Differentiable with respect to `hparams` only (`jax.grad`, `jax.jvp`, `jax.jacfwd`, and
     again for hyper-Hessians); asking for a derivative with respect to `params0` or the inner
-    batch raises. The unroll's `checkpoint` setting is not used (there is nothing to store).
+    batch raises. Every order of differentiation uses the same rule dw = y_T dλ, so
+    `jax.grad` of the returned value equals the reported `grad`. Without `clip` all orders
+    are exact. With `clip=r`, once the projection is active (`clip_fraction` > 0) the first
+    derivative is the projected estimate (by design) and second derivatives differentiate
+    that estimate's Jacobian: an approximation of the true hyper-Hessian, not tested
+    against it. The unroll's `checkpoint` setting is not used (there is nothing to store).
     Stats: `inner_grad_norm`, `jacobian_norm` (‖y_T‖ after projection) and `clip_fraction`
     (the fraction of steps at which the projection clipped; 0 with `clip=None`).
 

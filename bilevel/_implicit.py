@@ -123,6 +123,9 @@ class Implicit(AbstractMethod):
     def _probe(self, dtype):
         return self.linear_solver.stats_template(dtype)
 
+    def _allows_complex(self) -> bool:
+        return False
+
     def _finalize(self, probe_cotangent):
         return self.linear_solver.finalize(probe_cotangent)
 
@@ -211,7 +214,17 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver) -> Imp
     The rule is a JVP with a transposable linear solve, so `jax.jvp`, `jax.grad` and
     higher derivatives all work. The IFT is only as good as the stationarity of w:
     `hypergrad` reports ‖∇_w L_T‖ as `stats["inner_grad_norm"]`, and the backward solve's
-    diagnostics beside it.
+    diagnostics beside it (every linear solver reports `solve_residual`, ‖Hx − b‖/‖b‖).
+
+    Exactness: with `exact()`, or `cg`/`gmres` run to a small `solve_residual`, at a
+    stationary w, first derivatives (grad and jvp) and second derivatives are those of
+    the true response. With `neumann` or `identity` the first derivative is an
+    approximation (its residual says how far), and second derivatives apply the same
+    approximate inverse inside the exact formula, so they are neither the true
+    hyper-Hessian nor the derivative of the approximate hypergradient. A non-finite
+    right-hand side (NaN in the validation data) gives a NaN hypergradient, never zero.
+    Inner parameters must be real floating-point arrays (complex ones raise: the system
+    solved is real).
 
     **Arguments:**
 

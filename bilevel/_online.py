@@ -1,4 +1,4 @@
-"""The online joint dynamics of seed 004: parameters, their Jacobian and hyperparameters move together.
+"""The online joint dynamics of Online Hyper-parameter Optimization: parameters, their Jacobian and hyperparameters move together.
 
 At every inner step t the driver
 
@@ -26,7 +26,7 @@ import optax
 
 from ._base import inner_grad, tree_norm
 from ._forward import hparam_basis, initial_tangents, project, pullback, tangent_step
-from ._problem import PerStep, Problem, check_hparams, check_loss, check_per_step
+from ._problem import PerStep, Problem, canonical, check_hparams, check_loss, check_params0, check_per_step
 from ._unroll import OptimizerLike, check_optimizer, optimizer_at
 
 PyTree = Any
@@ -106,7 +106,7 @@ def _is_int(x) -> bool:
 
 
 class Online(eqx.Module):
-    """The joint online dynamics of seed 004 as an `init`/`step`/`run` driver. See `bilevel.online`."""
+    """The joint online dynamics of Online Hyper-parameter Optimization as an `init`/`step`/`run` driver. See `bilevel.online`."""
 
     problem: Problem = eqx.field(static=True)
     optimizer: OptimizerLike = eqx.field(static=True)
@@ -160,6 +160,8 @@ class Online(eqx.Module):
         An `OnlineState`.
         """
         check_hparams(hparams, "Online.init(hparams, params)")
+        check_params0(params, "Online.init(hparams, params)", allow_complex=False)
+        hparams, params = canonical((hparams, params))
         basis = hparam_basis(hparams)
         opt_state, jacobian = initial_tangents(self._optimizer, hparams, params, basis)
         return OnlineState(params, opt_state, jacobian, hparams,
@@ -278,7 +280,7 @@ def online(
     warmup: int = 0,
     first_order: bool = False,
 ) -> Online:
-    """The joint online dynamics of seed 004: θ, y = dθ/dλ and λ all move at every inner step.
+    """The joint online dynamics of Online Hyper-parameter Optimization: θ, y = dθ/dλ and λ all move at every inner step.
 
     The variants of the paper are settings of one driver:
 

@@ -176,6 +176,67 @@ def check_hparams(hparams: PyTree, where: str) -> None:
             )
 
 
+def _leaf_path(path) -> str:
+    return jax.tree_util.keystr(path)
+
+
+def check_params0(params0: PyTree, where: str, *, allow_complex: bool = True) -> None:
+    """Raise if a numeric leaf of params0 could not be trained.
+
+    Only floating-point arrays are optimised and differentiated; any other leaf passes
+    through unchanged. An integer array or a Python number among them is almost always a
+    mistake (`jnp.array([0, 0, 0])`, `0.0`): it would silently never move, and the
+    hypergradient through it would be exactly zero. Complex leaves are refused where the
+    method's linear algebra is only real (`allow_complex=False`).
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params0):
+        if isinstance(leaf, bool) or (not isinstance(leaf, (int, float, complex)) and not hasattr(leaf, "dtype")):
+            continue  # functions, strings, flags: held fixed by design
+        if isinstance(leaf, (int, float, complex)):
+            raise TypeError(
+                f"{where} requires the numeric leaves of params0 to be floating-point arrays (only "
+                f"arrays are trained); got a Python {type(leaf).__name__} {leaf!r} at params0"
+                f"{_leaf_path(path)}, which would be held fixed and give a zero hypergradient. Pass "
+                f"jnp.asarray({float(leaf.real) if isinstance(leaf, complex) else float(leaf)!r}) "
+                "instead, or make it a static field (eqx.field(static=True)) if it is a setting."
+            )
+        dtype = jnp.result_type(leaf)
+        if jnp.issubdtype(dtype, jnp.complexfloating) and not allow_complex:
+            raise TypeError(
+                f"{where} does not support complex inner parameters: params0{_leaf_path(path)} has "
+                f"dtype {dtype}. The implicit-function and forward-mode rules here solve a real "
+                "linear system. Split the parameter into real and imaginary parts (two float "
+                "arrays), or use bilevel.unroll, which differentiates through the steps."
+            )
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"{where} requires the array leaves of params0 to be floating point (they are "
+                f"trained and differentiated); got dtype {dtype} at params0{_leaf_path(path)} "
+                f"(shape {tuple(jnp.shape(leaf))}). An integer array would never move and its "
+                "hypergradient would be exactly zero. Convert it, e.g. jnp.zeros(3) instead of "
+                "jnp.array([0, 0, 0]), or x.astype(float)."
+            )
+
+
+def canonical(tree: PyTree) -> PyTree:
+    """NumPy arrays and scalars among the leaves as JAX arrays (other leaves unchanged).
+
+    A NumPy array closed over inside `jax.jit` becomes a constant that custom derivative
+    rules cannot take; converting at the entry of every compiled function avoids that.
+    Tracers are copied (XLA elides the copy): `jax.vmap` over a NumPy array inside
+    `jax.jit` yields a batch tracer holding the raw NumPy value, which the custom JVP rules
+    of `implicit` and `forward_mode` would otherwise pass on as a non-canonical constant.
+    """
+    def leaf(x):
+        if isinstance(x, (np.ndarray, np.generic)):
+            return jnp.asarray(x)
+        if isinstance(x, jax.core.Tracer):
+            return jnp.array(x, copy=True)
+        return x
+
+    return jax.tree_util.tree_map(leaf, tree)
+
+
 def check_loss(fn: Callable, name: str, params, hparams, batch) -> None:
     """Check at trace time that `fn(params, hparams, batch)` runs and returns a float scalar."""
     try:

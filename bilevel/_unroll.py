@@ -8,6 +8,7 @@ from typing import Union
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._base import AbstractMethod, grad_norm_stats, inner_grad
@@ -73,6 +74,72 @@ def _segments(batch, n_seg: int, length: int):
     return batch
 
 
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree)
+               if hasattr(x, "shape") and hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def _stored_steps(n: int, checkpoint: int | None) -> int:
+    """How many optimizer states reverse mode keeps for `n` differentiated steps."""
+    if checkpoint is None or checkpoint >= n:
+        return n
+    n_seg, rem = divmod(n, checkpoint)
+    return n_seg + checkpoint + rem
+
+
+def available_bytes() -> int | None:
+    """Free memory of the default device (its allocator's limit; free RAM on CPU), or None."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without memory stats
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _gib(n: float) -> str:
+    """A byte count in the largest unit that keeps it at least 1 (B, KiB, MiB, GiB, TiB)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def check_reverse_memory(unroll: "Unroll", hparams, params0, differentiated: int, where: str) -> None:
+    """Raise MemoryError at trace time when reverse mode must store more than the device has.
+
+    Reverse mode keeps at least the parameters and optimizer state of every differentiated
+    step (of every segment boundary and one segment with `checkpoint`); that lower bound is
+    compared with the free memory of the default device.
+    """
+    opt = unroll._optimizer(jax.lax.stop_gradient(hparams))
+    state = jax.eval_shape(opt.init, params0)
+    per_step = _nbytes(params0) + _nbytes(state)
+    need = _stored_steps(differentiated, unroll.checkpoint) * per_step
+    free = available_bytes()
+    if free is None or need <= free:
+        return
+    k = max(1, int(differentiated**0.5))
+    raise MemoryError(
+        f"{where}: reverse-mode differentiation through {differentiated} steps stores at least "
+        f"{_gib(need)} ({_stored_steps(differentiated, unroll.checkpoint)} copies of the "
+        f"parameters and optimizer state, {_gib(per_step)} each), more than the {_gib(free)} "
+        f"free on {jax.local_devices()[0].platform.upper()}. Use unroll(..., checkpoint={k}) "
+        f"(about {_gib(_stored_steps(differentiated, k) * per_step)}), "
+        "bilevel.forward_mode(unroll(...)) (memory independent of the steps), "
+        "bilevel.truncate(..., last=K), or bilevel.implicit(...)."
+    )
+
+
 class Unroll(AbstractMethod):
     """T steps of an optax optimizer, differentiated exactly by autodiff. See `bilevel.unroll`."""
 
@@ -98,6 +165,9 @@ class Unroll(AbstractMethod):
 
     def _check_batch(self, inner_batch) -> None:
         check_per_step(inner_batch, self.steps, "inner data")
+
+    def _check_memory(self, hparams, params0) -> None:
+        check_reverse_memory(self, hparams, params0, self.steps, f"unroll(steps={self.steps})")
 
     def _scan(self, problem: Problem, opt, hparams, carry, batch, n: int):
         """Run `n` optimizer steps from `carry = (params, opt_state)` with `lax.scan`."""
@@ -179,9 +249,14 @@ class Truncate(AbstractMethod):
     def _check_batch(self, inner_batch) -> None:
         self.method._check_batch(inner_batch)
 
+    def _check_memory(self, hparams, params0) -> None:
+        check_reverse_memory(self.method, hparams, params0, self.last, f"truncate(..., last={self.last})")
+
     def _run(self, problem, hparams, params0, batch, probe):
         del probe
-        return self.method._unrolled(problem, hparams, params0, batch, self.last)
+        params, stats = self.method._unrolled(problem, hparams, params0, batch, self.last)
+        # Flags the approximation: the first steps - last steps are not differentiated.
+        return params, {**stats, "truncated_steps": jnp.asarray(self.method.steps - self.last, jnp.int32)}
 
 
 def unroll(optimizer: OptimizerLike, steps: int, *, checkpoint: int | None = None) -> Unroll:
@@ -192,7 +267,10 @@ def unroll(optimizer: OptimizerLike, steps: int, *, checkpoint: int | None = Non
     derivative is exact automatic differentiation through every step (reverse mode stores
     the trajectory; forward mode carries tangents). With `checkpoint=k` the steps are split
     into segments of `k` and each segment is recomputed in the backward pass: same value and
-    gradient, memory O(steps/k + k) instead of O(steps).
+    gradient, memory O(steps/k + k) instead of O(steps). Exact at every order (first
+    derivatives, jvp, hyper-Hessians). When `bilevel.hypergrad` is traced it checks that the
+    parameters and optimizer states reverse mode must keep fit in the default device's free
+    memory, and raises a `MemoryError` naming the size and the alternatives otherwise.
 
     **Arguments:**
 
@@ -233,6 +311,12 @@ def truncate(method: Unroll, *, last: int) -> Truncate:
     All `steps` of the unroll still run forward; the first `steps - last` are treated as
     constants, so reverse mode stores only the last `last` steps (truncated
     back-propagation). `last == steps` is the full unroll.
+
+    An approximation whenever `last < steps`: the hypergradient is biased (it ignores how
+    the first steps depend on λ), and second derivatives (a hyper-Hessian) differentiate
+    the truncated graph, which is neither the true Hessian nor the derivative of the
+    truncated hypergradient. Its stats add `truncated_steps` (`steps - last`) beside
+    `inner_grad_norm`, so a result says it was truncated.
 
     **Arguments:**
 
