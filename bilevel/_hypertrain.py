@@ -25,7 +25,7 @@ from ._best_response import best_response, check_output
 from ._implicit import implicit
 from ._linear_solvers import AbstractLinearSolver
 from ._optimize import HyperOpt, HyperOptState, _identity, _like, _strong
-from ._problem import Problem, check_hparams, tree_summary, typed_summary
+from ._problem import Problem, check_hparams, check_params0, tree_summary, typed_summary
 from ._unroll import _check_int
 
 PyTree = Any
@@ -198,6 +198,7 @@ class HypertrainGlobal(eqx.Module):
         """
         where = "HypertrainGlobal.init(hypernet, hparams, params)"
         check_hparams(hparams, where)
+        check_params0(params, where)
         _check_hypernet(hypernet, hparams, params, where)
         _check_like(jax.eval_shape(self.sample, jax.random.key(0)), hparams, "sample(key)", where)
         opt_state = self.optimizer.init(eqx.filter(hypernet, eqx.is_inexact_array))
@@ -367,6 +368,7 @@ class Hypertrain(eqx.Module):
         where = "Hypertrain.init(hypernet, hparams0, params0)"
         outer = self._outer(hypernet)
         outer_state = outer.init(hparams0, params0)      # checks hparams0 and the transform
+        check_params0(params0, where)
         _check_hypernet(hypernet, self.transform(hparams0), params0, where)
         if self.perturb is not None:
             drawn = jax.eval_shape(self.perturb, jax.random.key(0), outer_state.variables)
