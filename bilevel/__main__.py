@@ -218,7 +218,7 @@ def demo(args) -> int:
     print()
     print((out / "results.md").read_text())
     print(f"Wrote {out / 'results.md'}, results.json, validation_vs_time.png and history_<method>.json "
-          f"({len(rows) - 2} histories) to {out}/")
+          f"({sum(1 for r in rows.values() if r['hypergradients'])} histories) to {out}/")
     return 0
 
 

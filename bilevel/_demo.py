@@ -21,6 +21,7 @@ import json
 import math
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -33,12 +34,13 @@ from ._compile import response
 from ._forward import forward_mode
 from ._implicit import implicit
 from ._linear_solvers import cg, identity, neumann
-from ._optimize import optimize
+from ._optimize import OptimizeError, OptimizeWarning, optimize
 from ._problem import Problem
 from ._search import random_search
 from ._unroll import truncate, unroll
 
 FORWARD_MODE_LIMIT = 1000   # forward_mode carries an (hparams × params) Jacobian: skip beyond this
+APPROXIMATE = ("implicit-neumann", "identity")   # deliberately inexact solves: no residual warning
 
 
 def cross_entropy(params, X, y):
@@ -115,19 +117,46 @@ def run(data: datasets.Dataset, out: Path, *, penalty: str, outer_steps: int, in
             say(f"  {name}: skipped ({n_hparams} hyperparameters > {FORWARD_MODE_LIMIT})")
             continue
         began = time.perf_counter()
-        result = optimize(problem, chosen[name], optax.adam(outer_lr), hparams0, params0, train, val,
-                          outer_steps, progress=progress)
+        result, stopped, notes = _tune(name, chosen[name], problem, outer_lr, hparams0, params0, train, val,
+                                       outer_steps, progress)
         seconds = time.perf_counter() - began
-        result.history.save(out / f"history_{name}.json")
-        curves[name] = (np.cumsum(result.history["wall_time"]), result.history["value"])
-        rows[name] = {**judge(result.hparams), "hypergradients": outer_steps, "wall_time": seconds}
+        steps_done = len(result.history)
+        if steps_done:
+            result.history.save(out / f"history_{name}.json")
+            curves[name] = (np.cumsum(result.history["wall_time"]), result.history["value"])
+        rows[name] = {**judge(result.hparams), "hypergradients": steps_done, "wall_time": seconds,
+                      "stopped": stopped, "warnings": notes}
         say(_progress_line(name, rows[name]))
+        for note in [stopped] * bool(stopped) + notes:
+            say(textwrap.fill(note, 100, initial_indent="      ", subsequent_indent="      "))
     rows["random search"], curves["random search"] = _random(
         problem, full_training, shape, params0, train, val, outer_steps, seed, judge)
     say(_progress_line("random search", rows["random search"]))
     _write(out, rows, curves, data.name, penalty, classes=classes, inner_steps=inner_steps,
            eval_steps=eval_steps, lr=lr)
     return rows
+
+
+def _tune(name, method, problem, outer_lr, hparams0, params0, train, val, outer_steps, progress):
+    """`optimize` for one method: (result, why it stopped early or None, its warnings' messages).
+
+    A failed step (a non-finite hypergradient, a diverged Neumann series) stops that method
+    only: its row then judges the λ reached before the failure and says where it stopped.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", OptimizeWarning)
+        try:
+            result = optimize(problem, method, optax.adam(outer_lr), hparams0, params0, train, val, outer_steps,
+                              progress=progress, residual_warning=None if name in APPROXIMATE else 0.1)
+            stopped = None
+        except OptimizeError as err:
+            result = err.result
+            stopped = f"stopped at step {err.step} of {outer_steps}: {'; '.join(err.failures)}."
+    for w in caught:
+        if not issubclass(w.category, OptimizeWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    notes = [str(w.message).removeprefix("bilevel.optimize: ") for w in caught if issubclass(w.category, OptimizeWarning)]
+    return result, stopped, notes
 
 
 def diverged(row: dict, classes: int) -> bool:
@@ -140,12 +169,18 @@ def diverged(row: dict, classes: int) -> bool:
     return not all(math.isfinite(v) for v in values) or row["train_objective"] > math.log(classes)
 
 
+def _markers(row: dict) -> list:
+    """The flags a table row carries: diverged, stopped early, warned."""
+    return (["diverged"] * bool(row["diverged"]) + ["stopped early"] * bool(row.get("stopped"))
+            + ["warning"] * bool(row.get("warnings")))
+
+
 def _number(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3g}"   # nan and inf print as such
 
 
 def _progress_line(name: str, row: dict) -> str:
-    flag = "  (diverged)" if row["diverged"] else ""
+    flag = "".join(f"  ({m})" for m in _markers(row))
     return (f"  {name:<18} val {_number(row['val_loss'])}  test {_number(row['test_loss'])}  "
             f"{row['wall_time']:6.1f} s{flag}")
 
@@ -192,6 +227,12 @@ def _footer(rows: dict, curves: dict, *, classes: int, inner_steps: int, eval_st
                      f"objective above log {classes} = {math.log(classes):.3f} (its value at the all-zero start), so "
                      f"its losses mean nothing: the inner learning rate (--lr {lr:g}) is too large for that λ. "
                      "Lower --lr.")
+    for method, r in rows.items():
+        if r.get("stopped"):
+            notes.append(f"{method} (stopped early): bilevel.optimize {r['stopped']} Its row judges the λ reached "
+                         "before that step.")
+        for note in r.get("warnings", []):
+            notes.append(f"{method} (warning): {note}")
     return notes
 
 
@@ -222,7 +263,7 @@ def _write(out: Path, rows: dict, curves: dict, name: str, penalty: str, *, clas
     for method, r in rows.items():
         evals = r.get("trainings", r["hypergradients"])
         evals = f"{evals} trainings" if "trainings" in r else evals
-        flag = " (diverged)" if r["diverged"] else ""
+        flag = "".join(f" ({m})" for m in _markers(r))
         lines.append(f"| {method}{flag} | {_number(r['val_loss'])} | {_number(r['test_loss'])} | "
                      f"{r['test_accuracy']:.3f} | {evals} | {r['wall_time']:.1f} |")
     notes = _footer(rows, curves, classes=classes, inner_steps=inner_steps, eval_steps=eval_steps, lr=lr)

@@ -109,13 +109,17 @@ def test_demo_bad_argument_reads_like_argparse(tmp_path):
 
 
 def test_demo_flags_diverged_rows(tmp_path):
-    """--lr 50 blows up the from-scratch trainings: those rows say so instead of showing a loss of 1e22."""
-    out = cli("demo", *SMALL, "--lr", 50, "--methods", "identity", "--out", tmp_path)
+    """--lr 50 blows up the from-scratch trainings and the Neumann series (alpha = lr): the rows
+    say so instead of showing a loss of 1e22, and a method whose tuning fails stops alone."""
+    out = cli("demo", *SMALL, "--lr", 50, "--methods", "implicit-neumann", "--out", tmp_path)
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "results.json").read_text())
     assert rows["random search"]["diverged"] and rows["start (no tuning)"]["diverged"]
     assert "| random search (diverged) |" in out.stdout and "| start (no tuning) (diverged) |" in out.stdout
     assert "A (diverged) row: the training from scratch" in out.stdout and "Lower --lr." in out.stdout
+    assert rows["implicit-neumann"]["stopped"].startswith("stopped at step ")
+    assert rows["implicit-neumann"]["hypergradients"] < 3
+    assert "implicit-neumann (stopped early): bilevel.optimize stopped at step" in out.stdout
 
 
 def _row(val, train_objective=0.1, **extra):
