@@ -142,3 +142,39 @@ def test_page_runs(page, tmp_path, monkeypatch, quick_compilation, restore_globa
             continue
         namespace = {"__name__": "__main__"} if block.standalone else page_namespace
         exec(compile(block.code, f"docs/{page}:{block.line}", "exec"), namespace)
+
+
+# ---------------------------------------------------------------- the README's example
+
+README = DOCS.parent / "README.md"
+
+
+def _section_blocks(path: Path, heading: str) -> list[str]:
+    """The python blocks under a `## heading`, up to the next `## ` heading."""
+    text = path.read_text(encoding="utf-8")
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return [block.code for block in python_blocks(text[start : end if end != -1 else None])]
+
+
+def test_readme_example_is_the_home_page_example():
+    """The README's "Use it" example and the docs home page's first hypergradient cannot drift apart."""
+    readme = _section_blocks(README, "Use it")[:2]
+    home = _section_blocks(DOCS / "index.md", "A first hypergradient")
+    assert len(home) == 2 and readme == home
+
+
+def test_readme_example_sweep_finds_an_interior_optimum(quick_compilation):
+    """The README's 64-point sweep brackets the best λ: its hypergradient changes sign inside.
+
+    (An earlier example drew the validation inputs with the training key, so they equalled
+    the training inputs plus 0.1 and the best λ was −∞.)
+    """
+    import numpy as np
+
+    namespace: dict = {"__name__": "readme"}
+    for code in _section_blocks(README, "Use it")[:2]:
+        exec(compile(code, "README.md", "exec"), namespace)
+    grads, values = np.asarray(namespace["many"].grad), np.asarray(namespace["many"].value)
+    assert grads[0] < 0 < grads[-1], grads
+    assert 0 < values.argmin() < len(values) - 1
