@@ -1,4 +1,6 @@
-"""`best_response(hypernet)`: the inner parameters as a learned function w = h_φ(λ) (seed 000).
+"""`best_response(hypernet)`: the inner parameters as a learned function w = h_φ(λ).
+
+From Lorraine & Duvenaud, *Stochastic Hyperparameter Optimization through Hypernetworks*.
 
 The forward pass is one call of the hypernet; the derivative is ordinary autodiff through it.
 Under `bilevel.implicit` the hypernet's output is only the point where the implicit function

@@ -1,4 +1,6 @@
-"""Hypernetworks λ -> w that a user can point at any parameter pytree (seeds 000/001/003).
+"""Hypernetworks λ -> w that a user can point at any parameter pytree.
+
+From Lorraine & Duvenaud, *Stochastic Hyperparameter Optimization through Hypernetworks*.
 
 Both hypernets are built from a template params tree and a template hparams tree. They
 flatten the hyperparameters into one vector, map it to one flat parameter vector, and put

@@ -1,4 +1,6 @@
-"""Hypertraining (seed 000, Algorithms 2-4): fit a hypernet's best response, optimise λ through it.
+"""Hypertraining: fit a hypernet's best response, optimise λ through it.
+
+Algorithms 2-4 of Lorraine & Duvenaud, *Stochastic Hyperparameter Optimization through Hypernetworks*.
 
 - `hypertrain_global` (Algorithm 2, first loop): λ ~ p(λ), a step of φ on L_T(h_φ(λ), λ).
   The second loop is any outer driver on `best_response(hypernet)`.
@@ -230,7 +232,7 @@ class HypertrainGlobal(eqx.Module):
 def hypertrain_global(
     problem: Problem, optimizer: optax.GradientTransformation, sample: Callable, *, num_samples: int = 1
 ) -> HypertrainGlobal:
-    """Fit a hypernet to the best response over a distribution of λ (seed 000, Algorithm 2).
+    """Fit a hypernet to the best response over a distribution of λ (Lorraine & Duvenaud, Algorithm 2).
 
     Each step draws λ₁..λₙ ~ p(λ) and takes one `optimizer` step on the hypernet's weights φ
     to lower `mean_i L_T(h_φ(λ_i), λ_i, batch)`. Once trained, `bilevel.best_response(hypernet)`
@@ -452,7 +454,7 @@ def hypertrain_local(
     hypernet_steps: int = 1,
     linear_solver: AbstractLinearSolver | None = None,
 ) -> Hypertrain:
-    """Joint optimisation of a hypernet and λ̂, the hypernet fitted locally (seed 000, Algorithm 3).
+    """Joint optimisation of a hypernet and λ̂, the hypernet fitted locally (Lorraine & Duvenaud, Algorithm 3).
 
     Each step draws λ_i ~ p(λ | λ̂) = `transform(perturb(key, u))` around the current
     λ̂ = `transform(u)`, takes `hypernet_steps` optimizer steps on the hypernet's weights φ
@@ -519,7 +521,7 @@ def hypertrain_simplified(
     hypernet_steps: int = 1,
     linear_solver: AbstractLinearSolver | None = None,
 ) -> Hypertrain:
-    """Simplified joint optimisation of a hypernet and λ̂ (seed 000, Algorithm 4).
+    """Simplified joint optimisation of a hypernet and λ̂ (Lorraine & Duvenaud, Algorithm 4).
 
     Like `bilevel.hypertrain_local` without sampling: each step takes `hypernet_steps`
     optimizer steps on φ to lower `L_T(h_φ(λ̂), λ̂)` at the current λ̂ itself, then one outer

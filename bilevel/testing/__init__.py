@@ -6,7 +6,7 @@ the losses, so a method can be checked against it at float64 precision:
 
 - [`bilevel.testing.Ridge`][]: ridge regression with one log-penalty;
 - [`bilevel.testing.RidgePerCoordinate`][]: one log-penalty per coordinate;
-- [`bilevel.testing.Quadratic004`][]: the quadratic of seed 004 §4.1 with its analytic λ†;
+- [`bilevel.testing.Quadratic004`][]: the quadratic of *Online Hyper-parameter Optimization* §4.1 with its analytic λ†;
 - [`bilevel.testing.UnrolledQuadratic`][]: T gradient-descent steps on a quadratic, with the
   unrolled hypergradient known exactly;
 - [`bilevel.testing.AffineResponse`][]: a best response affine in λ, which a linear

@@ -839,7 +839,7 @@ class AffineResponse(AbstractExactProblem):
 
 
 class Quadratic004(AbstractExactProblem):
-    """The quadratic problem of seed 004, section 4.1, with its analytic optimum λ†.
+    """The quadratic of *Online Hyper-parameter Optimization* §4.1, with its analytic optimum λ†.
 
         L_T(θ, λ) = ½(θ − θ̄)ᵀH(θ − θ̄) + ½λθᵀHθ        L_V(θ) = ½(θ − θ̃)ᵀH(θ − θ̃)
 
