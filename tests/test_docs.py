@@ -42,3 +42,23 @@ def test_every_public_function_has_arguments_returns_and_an_example():
 @pytest.mark.parametrize("code", list(_examples()))
 def test_docstring_examples_run(code):
     exec(compile(code, "<docstring>", "exec"), {})
+
+
+def test_the_docs_site_loads_nothing_from_the_network():
+    """MathJax is vendored (docs/javascripts/mathjax) and the theme's web fonts are off, so an
+    offline build or `mkdocs serve` renders its maths: no script, style or font from a URL."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    config = (root / "mkdocs.yml").read_text(encoding="utf-8")
+    assets = []
+    for section in ("extra_javascript", "extra_css"):
+        block = re.search(rf"^{section}:\n((?:[ \t]+-.*\n?)+)", config, re.M)
+        assets += [re.sub(r"\s+#.*", "", line.split("-", 1)[1]).strip() for line in block[1].splitlines()] if block else []
+    assert "javascripts/mathjax/tex-chtml.js" in assets
+    for asset in assets:
+        assert not re.match(r"[a-z]+://|//", asset), f"{asset} is fetched from the network"
+        assert (root / "docs" / asset).is_file(), asset
+    fonts = root / "docs/javascripts/mathjax/output/chtml/fonts/woff-v2"
+    assert (fonts / "MathJax_Main-Regular.woff").is_file() and len(list(fonts.glob("*.woff"))) == 23
+    assert re.search(r"^  font: false\b", config, re.M), "theme.font must be false (Google Fonts is a network fetch)"
