@@ -177,7 +177,7 @@ class CG(AbstractLinearSolver):
             return x, r, p, rs_new, k + 1, negative | (pap <= 0)
 
         x0 = _tmap(jnp.zeros_like, b)
-        init = (x0, b, b, bnorm2, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+        init = (x0, b, b, bnorm2, jnp.zeros((), jnp.int32), bnorm2 < 0)  # False, varying like b
         x, _, _, _, k, negative = jax.lax.while_loop(cond, body, init)
         dtype = jnp.result_type(bnorm2)
         return x, {
