@@ -115,6 +115,14 @@ def test_non_finite_validation_data_gives_nan_not_zero(name, bad):
     assert np.isnan(out.grad), out.grad
 
 
+@pytest.mark.parametrize("method", [UNROLL, bl.truncate(UNROLL, last=5), bl.forward_mode(UNROLL, clip=1.0)],
+                         ids=["unroll", "truncate", "forward_mode"])
+def test_non_finite_validation_data_gives_nan_through_autodiff_methods(method):
+    target = jnp.array([0.5, jnp.nan, 0.5])
+    out = bl.hypergrad(_problem(), method)(jnp.asarray(0.3), jnp.zeros(D), None, target)
+    assert np.isnan(out.grad), out.grad
+
+
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_solvers_return_nan_for_a_non_finite_right_hand_side(name):
     matvec = lambda v: jax.tree_util.tree_map(lambda x: 2.0 * x, v)  # noqa: E731
@@ -124,7 +132,7 @@ def test_solvers_return_nan_for_a_non_finite_right_hand_side(name):
 
 
 @pytest.mark.parametrize("scale", [1e-7, 1e-20, 1e20])
-@pytest.mark.parametrize("name", ["exact", "cg", "gmres"])
+@pytest.mark.parametrize("name", ["exact", "cg", "gmres", "neumann"])   # neumann: ρ = 0.35, 40 terms
 def test_tiny_and_huge_right_hand_sides_are_solved_in_float32(name, scale):
     # Before: float32 GMRES returned 0 at scale 1e-7 and CG did 0 iterations at 1e-20.
     lam = jnp.asarray(0.3, jnp.float32)
