@@ -21,10 +21,10 @@ Tolerances: 1e-9 relative in float64 for exact-vs-exact comparisons. Diagnostics
 at round-off level (‖∇_w L_T‖ at a converged point, solve residuals ≈ 1e-16) are compared with an
 extra absolute 1e-10: their relative value between two compilations is meaningless.
 
-Known library bugs are pinned with `xfail(strict=True)` (each reason says what goes wrong):
-shard_map with its default check_vma=True (silently wrong forward pass / psummed solve stats /
-errors in the exact and GMRES solves), second derivatives through approximate linear solvers,
-and params pytrees with non-array leaves (an equinox module with a function field).
+Known limitations are pinned with `xfail(strict=True)` (each reason says what goes wrong):
+errors in the exact and GMRES solves under shard_map with device-varying params, and second
+derivatives through approximate linear solvers (documented: the docstrings of bl.neumann and
+bl.identity, and the Guarantees page).
 """
 
 from __future__ import annotations
@@ -633,7 +633,8 @@ def test_hyper_hypergradient_matches_finite_differences(name):
             n,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="library bug: for an approximate linear solver the second derivative is "
+                reason="documented approximation (bl.neumann / bl.identity docstrings, the Guarantees "
+                "page): for an approximate linear solver the second derivative is "
                 "not the derivative of the hypergradient the method returns. custom_linear_solve's "
                 "JVP rule differentiates x = solve(H, b) as if solve were H⁻¹ (dx = solve(H, db - dH x)), "
                 "which is wrong for the Neumann polynomial / identity: e.g. implicit(identity) with a "
