@@ -54,11 +54,17 @@ class AbstractMethod(eqx.Module):
 
 
 def tree_norm(tree: PyTree) -> jax.Array:
-    """Euclidean norm of all leaves of a pytree taken together."""
+    """Euclidean norm of all leaves of a pytree taken together.
+
+    Its derivative at the zero tree is zero rather than NaN (forward mode differentiates the
+    norm of a Jacobian that starts at zero).
+    """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.asarray(0.0)
-    return jnp.sqrt(sum(jnp.sum(jnp.abs(x) ** 2) for x in leaves))
+    sq = sum(jnp.sum(jnp.abs(x) ** 2) for x in leaves)
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:

@@ -1,4 +1,6 @@
-"""Forward-mode hypergradients: carry the Jacobian y_t = dw_t/dλ along the steps (Online Hyper-parameter Optimization).
+"""Forward-mode hypergradients: carry the Jacobian y_t = dw_t/dλ along the steps.
+
+Following Online Hyper-parameter Optimization.
 
 An unroll's steps form the dynamical system `(w, s)_{t+1} = step((w, s)_t, λ)` (parameters
 `w`, optimizer state `s`). Differentiating it with respect to λ gives the linear system
@@ -9,9 +11,9 @@ one column per scalar hyperparameter. `forward_mode` runs both together in one `
 each step is linearised once (`jax.linearize`) and the linear map is applied to all columns
 at once (`jax.vmap`), so the cost is one step plus one batched JVP per step, and the memory is
 the carry — independent of the number of steps. With `clip=r` the parameter block of `Y` is
-projected on the ball of radius `r` after every step (Online Hyper-parameter Optimization, eq. 9); the optimizer-state
-block is scaled by the same factor so the carried tangent stays one consistent, rescaled
-sensitivity.
+projected on the ball of radius `r` after every step (Online Hyper-parameter Optimization,
+eq. 9); the optimizer-state block is scaled by the same factor so the carried tangent stays
+one consistent, rescaled sensitivity.
 
 The derivative reaches JAX as a `custom_jvp` whose tangent is the contraction `Y_T · dλ`: the
 scan depends on primal values only, so reverse mode (`jax.grad`) computes `Y_T` in the forward
@@ -90,20 +92,13 @@ def tangent_step(problem: Problem, optimizer_fn, hparams, params, opt_state, jac
     return params, eqx.combine(diff, rest), jac
 
 
-def _safe_norm(tree) -> jax.Array:
-    """`tree_norm` whose derivative at zero is zero, not NaN (the Jacobian starts at zero)."""
-    sq = sum(jnp.sum(jnp.abs(y) ** 2) for y in jax.tree_util.tree_leaves(tree))
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
-
-
 def project(jac, radius):
     """Project the parameter block of `Y` on the ball of radius `radius`; scale s's block alike.
 
     Returns the projected Jacobian and whether it was clipped. `radius` may be traced, and
     `inf` never clips.
     """
-    norm = _safe_norm(jac[0])
+    norm = tree_norm(jac[0])
     clipped = norm > radius
     scale = jnp.where(clipped, radius / jnp.where(clipped, norm, 1.0), 1.0)
     jac = jax.tree_util.tree_map(lambda y: y * scale.astype(y.dtype), jac)
@@ -234,8 +229,9 @@ def forward_mode(method: Unroll, *, clip: float | None = None) -> ForwardMode:
     With `clip=None`, `P` is the identity and the derivative equals `unroll`'s exactly.
     With `clip=r`, `P` projects `y` on the ball of radius `r`,
     `P(y) = r / max(‖y‖, r) · y`, where `‖·‖` is the norm of the whole Jacobian pytree
-    (Online Hyper-parameter Optimization, eq. 9); the optimizer-state tangent is scaled by the same factor. Clipping
-    shortens the memory of early, unconverged steps, so the estimate is biased but stable.
+    (Online Hyper-parameter Optimization, eq. 9); the optimizer-state tangent is scaled by
+    the same factor. Clipping shortens the memory of early, unconverged steps, so the
+    estimate is biased but stable.
 
     Differentiable with respect to `hparams` only (`jax.grad`, `jax.jvp`, `jax.jacfwd`, and
     again for hyper-Hessians); asking for a derivative with respect to `params0` or the inner
