@@ -57,14 +57,14 @@ def tree_norm(tree: PyTree) -> jax.Array:
     """Euclidean norm of all leaves of a pytree taken together.
 
     Its derivative at the zero tree is zero rather than NaN (forward mode differentiates the
-    norm of a Jacobian that starts at zero).
+    norm of a Jacobian that starts at zero). A NaN or inf leaf gives a NaN or inf norm, never 0.
     """
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.asarray(0.0)
     sq = sum(jnp.sum(jnp.abs(x) ** 2) for x in leaves)
-    positive = sq > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+    zero = sq == 0          # not `sq > 0`: that is False for NaN and would turn NaN into 0
+    return jnp.where(zero, 0.0, jnp.sqrt(jnp.where(zero, 1.0, sq)))
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:

@@ -123,6 +123,17 @@ def test_non_finite_validation_data_gives_nan_through_autodiff_methods(method):
     assert np.isnan(out.grad), out.grad
 
 
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf], ids=["nan", "inf"])
+def test_tree_norm_of_a_non_finite_tree_is_not_zero(bad):
+    # A `sq > 0` guard for the zero-derivative-at-zero rule once turned a NaN norm into 0, which
+    # made bilevel.optimize read a NaN hypergradient's grad_norm as finite.
+    from bilevel._base import tree_norm
+    norm = tree_norm({"a": jnp.array([1.0, bad]), "b": jnp.ones(2)})
+    assert not np.isfinite(norm) and (np.isnan(norm) if np.isnan(bad) else norm == np.inf)
+    assert float(jax.grad(tree_norm)(jnp.zeros(3)).sum()) == 0.0      # the guard it exists for
+    assert float(tree_norm(jnp.array([3.0, 4.0]))) == 5.0
+
+
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_solvers_return_nan_for_a_non_finite_right_hand_side(name):
     matvec = lambda v: jax.tree_util.tree_map(lambda x: 2.0 * x, v)  # noqa: E731
