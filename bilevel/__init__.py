@@ -42,17 +42,48 @@ from ._implicit import (
     solver as solver,
 )
 from ._linear_solvers import (
+    BiCGStab as BiCGStab,
     CG as CG,
+    NormalCG as NormalCG,
     GMRES as GMRES,
     AbstractLinearSolver as AbstractLinearSolver,
     Exact as Exact,
     Identity as Identity,
     Neumann as Neumann,
+    bicgstab as bicgstab,
     cg as cg,
     exact as exact,
     gmres as gmres,
     identity as identity,
     neumann as neumann,
+    normal_cg as normal_cg,
+)
+from ._optimality import (
+    AbstractCondition as AbstractCondition,
+    AbstractProx as AbstractProx,
+    FixedPoint as FixedPoint,
+    KKT as KKT,
+    ProxFixedPoint as ProxFixedPoint,
+    Stationary as Stationary,
+    fixed_point as fixed_point,
+    kkt as kkt,
+    projected_fixed_point as projected_fixed_point,
+    projection as projection,
+    projection_box as projection_box,
+    projection_l2_ball as projection_l2_ball,
+    projection_nonneg as projection_nonneg,
+    projection_simplex as projection_simplex,
+    prox as prox,
+    prox_elastic_net as prox_elastic_net,
+    prox_fixed_point as prox_fixed_point,
+    prox_group_l1 as prox_group_l1,
+    prox_l1 as prox_l1,
+    stationary as stationary,
+)
+from ._proximal import (
+    ProximalGradient as ProximalGradient,
+    projected_gradient as projected_gradient,
+    proximal_gradient as proximal_gradient,
 )
 from ._online import Online as Online, OnlineInfo as OnlineInfo, OnlineState as OnlineState, online as online
 from ._optimize import (

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from ._base import AbstractMethod, grad_norm_stats, inner_grad
+from ._base import AbstractMethod, grad_norm_stats
 from ._best_response import BestResponse
 from ._linear_solvers import AbstractLinearSolver
+from ._optimality import AbstractCondition, ProxFixedPoint, Stationary
+from ._proximal import ProximalGradient
 from ._problem import PerStep, tree_summary
 from ._unroll import Truncate, Unroll
 
@@ -70,13 +72,15 @@ class Solver(AbstractMethod):
         return params, grad_norm_stats(problem, params, hparams, batch)
 
 
+def _zero_tangent(primal):
+    dtype = jax.dtypes.result_type(primal)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return np.zeros(jnp.shape(primal), jax.dtypes.float0)
+    return jnp.zeros(jnp.shape(primal), dtype)
+
+
 def _instantiate(t, primal):
-    if isinstance(t, SymbolicZero):
-        dtype = jax.dtypes.result_type(primal)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            return np.zeros(jnp.shape(primal), jax.dtypes.float0)
-        return jnp.zeros(jnp.shape(primal), dtype)
-    return t
+    return _zero_tangent(primal) if isinstance(t, SymbolicZero) else t
 
 
 def _zero_anchor(tangents) -> jax.Array:
@@ -96,6 +100,7 @@ class Implicit(AbstractMethod):
 
     method: AbstractMethod
     linear_solver: AbstractLinearSolver
+    condition: AbstractCondition = Stationary()
 
     def __check_init__(self):
         if isinstance(self.method, (Implicit, Truncate)):
@@ -106,10 +111,11 @@ class Implicit(AbstractMethod):
                 "derivative anyway. Write bilevel.implicit(bl.unroll(optimizer, steps), "
                 "linear_solver) instead."
             )
-        if not isinstance(self.method, (Unroll, Solver, BestResponse)):
+        if not isinstance(self.method, (Unroll, Solver, BestResponse, ProximalGradient)):
             raise TypeError(
                 "implicit(method, linear_solver) requires a forward method built by "
-                f"bilevel.unroll, bilevel.solver or bilevel.best_response; got {type(self.method).__name__} "
+                "bilevel.unroll, bilevel.solver, bilevel.proximal_gradient or "
+                f"bilevel.best_response; got {type(self.method).__name__} "
                 f"{self.method!r}. Wrap your own solver with bilevel.solver(fn)."
             )
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -118,6 +124,19 @@ class Implicit(AbstractMethod):
                 "bilevel.exact(), bilevel.neumann(terms, alpha), bilevel.identity() or "
                 f"bilevel.gmres(); got {type(self.linear_solver).__name__} "
                 f"{self.linear_solver!r}."
+            )
+        if not isinstance(self.condition, AbstractCondition):
+            raise TypeError(
+                "implicit(method, linear_solver, condition) requires a condition built by "
+                "bilevel.stationary, prox_fixed_point, projected_fixed_point, kkt or fixed_point; "
+                f"got {type(self.condition).__name__} {self.condition!r}."
+            )
+        if self.linear_solver.symmetric_only and not self.condition.symmetric():
+            raise ValueError(
+                f"implicit(...): {type(self.linear_solver).__name__} is only valid for symmetric "
+                f"systems, but the {type(self.condition).__name__} condition's linear system is not "
+                f"symmetric ({_why_not_symmetric(self.condition)}). Use bilevel.gmres(), "
+                "bilevel.bicgstab(), bilevel.normal_cg() or bilevel.exact()."
             )
 
     def _probe(self, dtype):
@@ -144,53 +163,98 @@ class Implicit(AbstractMethod):
         return _implicit_response(self, problem)(hparams, params0, batch, probe)
 
 
+def _why_not_symmetric(condition) -> str:
+    if isinstance(condition, ProxFixedPoint):
+        return ("its prox has no support restriction, or its Jacobian on the support is not a "
+                "multiple of the identity (group ℓ1, simplex, ℓ2 ball)")
+    return "KKT systems and fixed-point maps have non-symmetric Jacobians"
+
+
+def _restrict(mask, jvp, rhs):
+    """The system J x = rhs restricted to a support (see `_optimality.py`).
+
+    Off the support the rows of J are identity rows, so x = rhs there; on it
+    J_SS x_S = rhs_S − J_S,Sc rhs_Sc. Both are one system A x = c with
+    A y = m⊙J(m⊙y) + (1−m)⊙y, which is symmetric when J_SS is.
+    """
+    m = _tmap(lambda k, r: k.astype(r.dtype), mask, rhs)
+    on = lambda y: _tmap(jnp.multiply, m, y)  # noqa: E731
+    off = lambda y: _tmap(lambda k, v: (1 - k) * v, m, y)  # noqa: E731
+
+    def matvec(y):
+        return _tmap(jnp.add, on(jvp(on(y))), off(y))
+
+    c = _tmap(jnp.add, on(_tmap(jnp.subtract, rhs, jvp(off(rhs)))), off(rhs))
+    return matvec, c
+
+
+def _condition_stats(condition, problem, params, hparams, batch, stats):
+    """The forward method's stats, with the condition's residual where it is not stationarity."""
+    if isinstance(condition, Stationary):
+        return stats
+    args = jax.lax.stop_gradient((params, hparams, batch))
+    stats = {k: v for k, v in stats.items() if k != "inner_grad_norm"}
+    stats["optimality_residual"] = condition.residual_norm(problem, *args)
+    mask = condition.support(problem, *args)
+    if mask is not None:
+        stats["support_size"] = sum(jnp.sum(k, dtype=jnp.int32) for k in jax.tree_util.tree_leaves(mask))
+    return stats
+
+
 def _implicit_response(method: Implicit, problem):
-    grad = inner_grad(problem)
+    condition = method.condition
+    F = lambda w, h, b: condition.residual(problem, w, h, b)  # noqa: E731
     linsolve = method.linear_solver
+    symmetric = condition.symmetric()
 
     @jax.custom_jvp
     def respond(hparams, params0, batch, probe):
         del probe
         primals = jax.lax.stop_gradient((hparams, params0, batch))
-        return method.method._run(problem, *primals, {})
+        params, stats = method.method._run(problem, *primals, {})
+        return params, _condition_stats(condition, problem, params, primals[0], primals[2], stats)
 
     def respond_jvp(primals, tangents):
         hparams, params0, batch, probe = primals
         d_hparams, _, d_batch, d_probe = tangents
         # Calling `respond` (not the forward method) keeps higher derivatives on the IFT rule.
         params, stats = respond(hparams, params0, batch, probe)
-        zero_stats = _tmap(jnp.zeros_like, stats)
+        zero_stats = _tmap(_zero_tangent, stats)
         if _all_zero((d_hparams, d_batch)):
             return (params, stats), (_tmap(jnp.zeros_like, params), zero_stats)
 
         d_hparams = _tmap(_instantiate, d_hparams, hparams, is_leaf=lambda x: isinstance(x, SymbolicZero))
         d_batch = _tmap(_instantiate, d_batch, batch, is_leaf=lambda x: isinstance(x, SymbolicZero))
-        _, cross = jax.jvp(lambda h, b: grad(params, h, b), (hparams, batch), (d_hparams, d_batch))
+        _, cross = jax.jvp(lambda h, b: F(params, h, b), (hparams, batch), (d_hparams, d_batch))
         # Leaves of w that λ does not touch (an unpenalised bias) get a constant zero from
         # jvp; transposing custom_linear_solve needs every right-hand-side leaf linear in the
         # input tangent, so add a numerically-zero linear anchor to each.
         anchor = _zero_anchor((d_hparams, d_batch))
         rhs = _tmap(lambda c: anchor.astype(c.dtype) - c, cross)
-        _, hvp = jax.linearize(lambda w: grad(w, hparams, batch), params)
+        _, jvp = jax.linearize(lambda w: F(w, hparams, batch), params)
+        mask = condition.support(problem, *jax.lax.stop_gradient((params, hparams, batch)))
+        matvec, rhs = (jvp, rhs) if mask is None else _restrict(mask, jvp, rhs)
 
         if _all_zero(d_probe):
             solve = lambda mv, b: linsolve.solve(mv, b)[0]  # noqa: E731
-            d_params = jax.lax.custom_linear_solve(hvp, rhs, solve, symmetric=True)
+            d_params = jax.lax.custom_linear_solve(
+                matvec, rhs, solve, None if symmetric else solve, symmetric=symmetric)
         else:
-            # Augmented block-diagonal system diag(H, I) (x, s) = (rhs, d_probe): the solver's
+            # Augmented block-diagonal system diag(J, I) (x, s) = (rhs, d_probe): the solver's
             # stats are written into the s block, so reverse mode returns them as the
             # probe's cotangent (see the module docstring).
             d_probe = _tmap(_instantiate, d_probe, probe, is_leaf=lambda x: isinstance(x, SymbolicZero))
 
             def aug_matvec(x):
-                return hvp(x[0]), x[1]
+                return matvec(x[0]), x[1]
 
             def aug_solve(mv, b):
                 x, solve_stats = linsolve.solve(lambda v: mv((v, _tmap(jnp.zeros_like, b[1])))[0], b[0])
                 return x, _tmap(lambda z, s: s.astype(z.dtype), b[1], solve_stats)
 
             d_params, d_stats = jax.lax.custom_linear_solve(
-                aug_matvec, (rhs, d_probe), aug_solve, symmetric=True
+                aug_matvec, (rhs, d_probe), aug_solve, None if symmetric else aug_solve,
+                symmetric=symmetric,
             )
             # Link the s block into the output with weight 0: numerically nothing, but its
             # cotangent is then a linear function of the output cotangent rather than a
@@ -204,34 +268,53 @@ def _implicit_response(method: Implicit, problem):
     return respond
 
 
-def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver) -> Implicit:
+def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
+             condition: AbstractCondition | None = None) -> Implicit:
     """Differentiate the inner solution by the implicit function theorem (IFT).
 
-    The forward pass runs `method` (an unroll or a user solver) to a point w. The
-    derivative treats w as a stationary point of the training loss, ∇_w L_T(w, λ) = 0, and
-    uses dw/dλ = −H⁻¹ ∂²L_T/∂w∂λ with H = ∂²L_T/∂w² at w, applying H⁻¹ with
-    `linear_solver`. Memory and cost do not depend on how many forward steps were taken.
+    The forward pass runs `method` (an unroll, a proximal-gradient run, a user solver or a
+    hypernet) to a point w. The derivative treats w as a zero of an optimality condition
+    F(w, λ, batch) = 0 and uses dw/dλ = −(∂F/∂w)⁻¹ ∂F/∂λ, applying the inverse with
+    `linear_solver`. The default condition is stationarity of the training loss,
+    F = ∇_w L_T, whose Jacobian is the inner Hessian H (for `bilevel.proximal_gradient` the
+    default is its proximal-gradient fixed point). Nonsmooth and constrained inner problems
+    use `bilevel.prox_fixed_point`, `projected_fixed_point` or `kkt`, and equilibria
+    `bilevel.fixed_point`; when the condition's prox declares a support, the solve is
+    restricted to it. Memory and cost do not depend on how many forward steps were taken.
     The rule is a JVP with a transposable linear solve, so `jax.jvp`, `jax.grad` and
-    higher derivatives all work. The IFT is only as good as the stationarity of w:
-    `hypergrad` reports ‖∇_w L_T‖ as `stats["inner_grad_norm"]`, and the backward solve's
-    diagnostics beside it (every linear solver reports `solve_residual`, ‖Hx − b‖/‖b‖).
+    higher derivatives all work.
 
-    Exactness: with `exact()`, or `cg`/`gmres` run to a small `solve_residual`, at a
-    stationary w, first derivatives (grad and jvp) and second derivatives are those of
-    the true response. With `neumann` or `identity` the first derivative is an
-    approximation (its residual says how far), and second derivatives apply the same
-    approximate inverse inside the exact formula, so they are neither the true
-    hyper-Hessian nor the derivative of the approximate hypergradient. A non-finite
-    right-hand side (NaN in the validation data) gives a NaN hypergradient, never zero.
-    Inner parameters must be real floating-point arrays (complex ones raise: the system
-    solved is real).
+    The IFT is only as good as the point the forward method reached: `hypergrad` reports
+    ‖∇_w L_T‖ as `stats["inner_grad_norm"]` (or, for another condition, its residual as
+    `stats["optimality_residual"]`, and the support's size as `stats["support_size"]`), and
+    the backward solve's diagnostics beside it (every linear solver reports
+    `solve_residual`, ‖Jx − b‖/‖b‖).
+
+    Exactness: with `exact()`, or an iterative solver run to a small `solve_residual`, at a
+    point where F = 0, first derivatives (grad and jvp) and second derivatives are those of
+    the true response (for a nonsmooth condition: wherever the support is locally constant).
+    With `neumann` or `identity` the first derivative is an approximation (its residual says
+    how far), and second derivatives apply the same approximate inverse inside the exact
+    formula, so they are neither the true hyper-Hessian nor the derivative of the
+    approximate hypergradient. A non-finite right-hand side (NaN in the validation data)
+    gives a NaN hypergradient, never zero. Inner parameters must be real floating-point
+    arrays (complex ones raise: the system solved is real).
+
+    Which solver: `cg` needs a symmetric positive-definite system (stationarity at a strict
+    minimum, or a prox/projection condition restricted to a support where the prox is flat)
+    and is refused for a non-symmetric one; for a nonconvex inner problem (a network) CG
+    reports `solve_negative_curvature` when H is indefinite, and `gmres` or `exact` solve it.
+    `gmres`, `bicgstab`, `normal_cg` and `exact` solve any nonsingular system.
 
     **Arguments:**
 
-    - `method`: a forward method from `bilevel.unroll`, `bilevel.solver` or
-      `bilevel.best_response` (the IFT is then applied at the hypernet's output).
-    - `linear_solver`: `bilevel.exact()`, `bilevel.cg(...)`, `bilevel.gmres(...)`,
-      `bilevel.neumann(...)` or `bilevel.identity()`.
+    - `method`: a forward method from `bilevel.unroll`, `bilevel.solver`,
+      `bilevel.proximal_gradient` or `bilevel.best_response` (the IFT is then applied at the
+      hypernet's output).
+    - `linear_solver`: `bilevel.exact()`, `cg(...)`, `gmres(...)`, `bicgstab(...)`,
+      `normal_cg(...)`, `neumann(...)` or `identity()`.
+    - `condition`: the optimality condition (default: `bilevel.stationary()`, or the
+      proximal-gradient fixed point of a `bilevel.proximal_gradient` method).
 
     **Returns:**
 
@@ -251,9 +334,19 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver) -> Imp
     method = bl.implicit(bl.unroll(optax.sgd(0.5), steps=100), bl.cg(maxiter=20, tol=1e-10))
     out = bl.hypergrad(problem, method)(jnp.asarray(0.3), jnp.zeros(3), None, None)
     print(out.grad, out.stats["solve_residual"])
+
+    # A Lasso: the smooth part is the inner loss, the ℓ1 penalty e^λ‖w‖₁ enters through its prox.
+    lasso = bl.Problem(inner=lambda w, lam, _: 0.5 * jnp.sum((w - jnp.array([2.0, 0.1])) ** 2),
+                       outer=lambda w, lam, _: 0.5 * jnp.sum(w**2))
+    method = bl.implicit(bl.proximal_gradient(bl.prox_l1(jnp.exp), stepsize=1.0, steps=50),
+                         bl.cg(tol=1e-12))
+    out = bl.hypergrad(lasso, method)(jnp.log(0.5), jnp.zeros(2), None, None)
+    print(out.grad, out.stats["support_size"])    # -0.75 (= -(2 - 0.5)·0.5), 1
     ```
     """
-    return Implicit(method, linear_solver)
+    if condition is None:
+        condition = method.condition() if isinstance(method, ProximalGradient) else Stationary()
+    return Implicit(method, linear_solver, condition)
 
 
 def solver(fn: Callable) -> Solver:

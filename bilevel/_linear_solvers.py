@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import functools
 import math
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -82,7 +83,13 @@ def _max_abs(tree) -> jax.Array:
 
 
 class AbstractLinearSolver(eqx.Module):
-    """A way to apply H⁻¹ (or an approximation) for the implicit function theorem."""
+    """A way to apply H⁻¹ (or an approximation) for the implicit function theorem.
+
+    `symmetric_only` is True for solvers that are only valid for symmetric systems (CG);
+    `bilevel.implicit` refuses them for a condition whose linear system is not symmetric.
+    """
+
+    symmetric_only: ClassVar[bool] = False
 
     def solve(self, matvec, b):
         """Return `(x, stats)` with `x ≈ H⁻¹ b` for `H = matvec`.
@@ -149,6 +156,7 @@ class CG(AbstractLinearSolver):
     maxiter: int = eqx.field(static=True)
     tol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True, default=0.0)
+    symmetric_only: ClassVar[bool] = True
 
     def __check_init__(self):
         where = "cg(maxiter, tol, atol=0.0)"
@@ -213,6 +221,49 @@ class GMRES(AbstractLinearSolver):
 
     def stats_template(self, dtype):
         return _zeros(dtype, "solve_residual")
+
+
+class BiCGStab(AbstractLinearSolver):
+    """BiCGStab for non-symmetric systems. See `bilevel.bicgstab`."""
+
+    maxiter: int = eqx.field(static=True)
+    tol: float = eqx.field(static=True)
+
+    def __check_init__(self):
+        where = "bicgstab(maxiter, tol)"
+        _check_count(self.maxiter, "maxiter", where, 1)
+        _check_number(self.tol, "tol", where, positive=False)
+
+    def _solve(self, matvec, b, scale):
+        del scale
+        x, _ = jax.scipy.sparse.linalg.bicgstab(matvec, b, tol=float(self.tol), atol=0.0,
+                                                maxiter=self.maxiter)
+        return x, {"solve_residual": _relative_residual(matvec, x, b)}
+
+    def stats_template(self, dtype):
+        return _zeros(dtype, "solve_residual")
+
+
+class NormalCG(AbstractLinearSolver):
+    """CG on the normal equations AᵀA x = Aᵀb. See `bilevel.normal_cg`."""
+
+    maxiter: int = eqx.field(static=True)
+    tol: float = eqx.field(static=True)
+
+    def __check_init__(self):
+        where = "normal_cg(maxiter, tol)"
+        _check_count(self.maxiter, "maxiter", where, 1)
+        _check_number(self.tol, "tol", where, positive=False)
+
+    def _solve(self, matvec, b, scale):
+        transpose = jax.linear_transpose(matvec, b)
+        normal = lambda v: transpose(matvec(v))[0]  # noqa: E731
+        x, stats = CG(self.maxiter, self.tol)._solve(normal, transpose(b)[0], scale)
+        return x, {"solve_residual": _relative_residual(matvec, x, b),
+                   "solve_iterations": stats["solve_iterations"]}
+
+    def stats_template(self, dtype):
+        return _zeros(dtype, "solve_residual", "solve_iterations")
 
 
 class Neumann(AbstractLinearSolver):
@@ -406,3 +457,64 @@ def identity() -> Identity:
     ```
     """
     return Identity()
+
+
+def bicgstab(maxiter: int = 100, tol: float = 1e-6) -> BiCGStab:
+    """Solve the implicit-function linear system by BiCGStab (`jax.scipy.sparse.linalg.bicgstab`).
+
+    Valid for non-symmetric systems (the conditions of `bilevel.prox_fixed_point` with a
+    non-flat prox, `bilevel.kkt`, `bilevel.fixed_point`), with two Jacobian-vector products
+    per iteration and constant memory; it can break down on some systems, which the reported
+    `solve_residual` shows (then use `gmres` or `normal_cg`).
+
+    **Arguments:**
+
+    - `maxiter`: maximum number of iterations, >= 1.
+    - `tol`: relative residual tolerance, >= 0.
+
+    **Returns:**
+
+    A linear solver for `bilevel.implicit`. Its stats: `solve_residual` (‖Jx − b‖/‖b‖).
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import bilevel as bl
+
+    T = lambda w, lam, _: 0.5 * jnp.roll(w, 1) + lam
+    method = bl.implicit(bl.solver(lambda lam, w0, b: 2.0 * lam * jnp.ones_like(w0)),
+                         bl.bicgstab(tol=1e-10), condition=bl.fixed_point(T))
+    ```
+    """
+    return BiCGStab(_py(maxiter), _py(tol))
+
+
+def normal_cg(maxiter: int = 100, tol: float = 1e-6) -> NormalCG:
+    """Solve the implicit-function linear system J x = b by CG on the normal equations JᵀJ x = Jᵀb.
+
+    Valid for any nonsingular J, symmetric or not (one Jacobian-vector and one
+    vector-Jacobian product per iteration), at the price of squaring the condition number.
+    The tolerance applies to the normal equations; the reported `solve_residual` is that of
+    the original system, ‖Jx − b‖/‖b‖.
+
+    **Arguments:**
+
+    - `maxiter`: maximum number of CG iterations, >= 1.
+    - `tol`: relative residual tolerance on the normal equations, >= 0.
+
+    **Returns:**
+
+    A linear solver for `bilevel.implicit`. Its stats: `solve_residual`, `solve_iterations`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import bilevel as bl
+
+    method = bl.implicit(bl.proximal_gradient(bl.projection_simplex(), stepsize=0.1, steps=500),
+                         bl.normal_cg(maxiter=200, tol=1e-12))
+    ```
+    """
+    return NormalCG(_py(maxiter), _py(tol))
