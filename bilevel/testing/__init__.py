@@ -12,6 +12,21 @@ the losses, so a method can be checked against it at float64 precision:
 - [`bilevel.testing.AffineResponse`][]: a best response affine in λ, which a linear
   hypernet can represent exactly.
 
+Problems whose inner solution is defined by an optimality condition rather than by
+`∇_w L_T = 0` (for implicit differentiation through proximal-gradient, projected-gradient,
+KKT and fixed-point conditions) share [`bilevel.testing.AbstractConditionProblem`][]; each
+knows its response and hypergradient in closed form on the support or active set of its
+solution, which it stores:
+
+- [`bilevel.testing.Lasso`][], [`bilevel.testing.ElasticNet`][]: a least-squares loss plus an
+  ℓ1 (and ℓ2) penalty handled by a prox;
+- [`bilevel.testing.BoxQP`][], [`bilevel.testing.NonnegativeLeastSquares`][],
+  [`bilevel.testing.SimplexLeastSquares`][]: quadratics over a box, the nonnegative orthant
+  and the probability simplex, handled by a projection;
+- [`bilevel.testing.EqualityQP`][], [`bilevel.testing.InequalityQP`][]: quadratic programs
+  whose parameters are the KKT triple `(w, ν, μ)`;
+- [`bilevel.testing.Contraction`][]: the fixed point of an affine contraction.
+
 [`bilevel.testing.hypergrad_error`][] and [`bilevel.testing.assert_hypergrad_close`][] compare
 any method's hypergradient with the exact one.
 
@@ -43,3 +58,13 @@ from ._problems import (
     RidgePerCoordinate as RidgePerCoordinate,
     UnrolledQuadratic as UnrolledQuadratic,
 )
+from ._common import AbstractConditionProblem as AbstractConditionProblem
+from ._constrained import (
+    BoxQP as BoxQP,
+    EqualityQP as EqualityQP,
+    InequalityQP as InequalityQP,
+    NonnegativeLeastSquares as NonnegativeLeastSquares,
+    SimplexLeastSquares as SimplexLeastSquares,
+)
+from ._fixed_point import Contraction as Contraction
+from ._sparse import ElasticNet as ElasticNet, Lasso as Lasso
