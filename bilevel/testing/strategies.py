@@ -29,6 +29,7 @@ import dataclasses
 import numpy as np
 from hypothesis import strategies as st
 
+from ._constrained import BoxQP
 from ._problems import (
     AffineResponse,
     Quadratic004,
@@ -40,6 +41,7 @@ from ._problems import (
     check_real,
     resolve_dtype,
 )
+from ._sparse import ElasticNet, Lasso
 
 _SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 
@@ -301,5 +303,142 @@ def affine_response_problems(
     def draw(draw_):
         return AffineResponse.sample(draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)),
                                      num_hparams=draw_(st.integers(min_k, max_k)), dtype=dtype)
+
+    return draw()
+
+
+def lasso_problems(
+    *, min_dim=2, max_dim=8, max_condition=10.0, hparams_range=(-2.0, 1.0), dtype=None
+) -> st.SearchStrategy[Lasso]:
+    """Draw [`bilevel.testing.Lasso`][] instances with a non-trivial, stable support.
+
+    The seed, the dimension and the default log-penalty are drawn; the support (30 % to
+    70 % of the coordinates, planted by `Lasso.sample` with margins) varies with the seed.
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the number of parameters.
+    - `max_condition`: bound `>= 1` on the condition number of `XᵀX/n`.
+    - `hparams_range`: `(low, high)` for the default log-penalty `exact.hparams`.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `Lasso` instances with `2d` training and `2d` validation rows.
+
+    **Example:**
+
+    ```python
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.lasso_problems(max_dim=4))
+    def test_support_is_optimal(exact):
+        assert bool(exact.is_valid(exact.hparams))
+
+    test_support_is_optimal()
+    ```
+    """
+    return _regression_problems(Lasso, "lasso_problems", min_dim, max_dim, max_condition,
+                                hparams_range, dtype)
+
+
+def elastic_net_problems(
+    *, min_dim=2, max_dim=8, max_condition=10.0, hparams_range=(-2.0, 1.0), dtype=None
+) -> st.SearchStrategy[ElasticNet]:
+    """Draw [`bilevel.testing.ElasticNet`][] instances with a non-trivial, stable support.
+
+    Both default log-strengths `(log l1, log l2)` are drawn independently from
+    `hparams_range`.
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the number of parameters.
+    - `max_condition`: bound `>= 1` on the condition number of `XᵀX/n`.
+    - `hparams_range`: `(low, high)` for each default log-strength.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `ElasticNet` instances.
+
+    **Example:**
+
+    ```python
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.elastic_net_problems(max_dim=4))
+    def test_shape(exact):
+        assert exact.hypergrad(exact.hparams).shape == (2,)
+
+    test_shape()
+    ```
+    """
+    where = "elastic_net_problems"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, hparams_range,
+                                     -np.inf, dtype)
+
+    @st.composite
+    def draw(draw_):
+        log_lam = (draw_(_floats_in(hparams_range)), draw_(_floats_in(hparams_range)))
+        return ElasticNet.sample(draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)),
+                                 max_condition=max_condition, log_lam=log_lam, dtype=dtype)
+
+    return draw()
+
+
+def box_qp_problems(
+    *, min_dim=2, max_dim=8, max_condition=10.0, min_hparams=1, max_hparams=3, dtype=None
+) -> st.SearchStrategy[BoxQP]:
+    """Draw [`bilevel.testing.BoxQP`][] instances, strictly complementary at `λ = 0`.
+
+    The seed, the dimension and the number of hyperparameters are drawn; which coordinates
+    are free and which sit at a bound (30 % to 70 % free) varies with the seed.
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the number of parameters.
+    - `max_condition`: bound `>= 1` on the condition number of `Q`.
+    - `min_hparams`, `max_hparams`: bounds on the number of hyperparameters.
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `BoxQP` instances.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.box_qp_problems(max_dim=4))
+    def test_inside_the_box(exact):
+        w = exact.response(exact.hparams)
+        assert bool(jnp.all((exact.lower <= w) & (w <= exact.upper)))
+
+    test_inside_the_box()
+    ```
+    """
+    where = "box_qp_problems"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, (0.0, 1.0),
+                                     -np.inf, dtype)
+    min_k = check_int(min_hparams, "min_hparams", where, 1, 1)
+    max_k = check_int(max_hparams, "max_hparams", where, 1, 3)
+    if max_k < min_k:
+        raise ValueError(
+            f"{where} requires min_hparams <= max_hparams; got {min_k} and {max_k}. Raise max_hparams."
+        )
+
+    @st.composite
+    def draw(draw_):
+        return BoxQP.sample(draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)),
+                            num_hparams=draw_(st.integers(min_k, max_k)),
+                            max_condition=max_condition, dtype=dtype)
 
     return draw()
