@@ -193,6 +193,22 @@ def check_hypergradients(args, data, params0) -> dict:
     return {"lasso": rows, "elastic_net": enet_rows, "fd_step": args.fd_step, "above_lambda_max": above_max}
 
 
+def forward_accuracy(args, data, params0) -> dict:
+    """The hypergradient is as accurate as the forward solve: FISTA steps against the error at a
+    small λ, where FISTA converges slowest."""
+    (fd,), _ = finite_difference(data, args.accuracy_at, args.fd_step)
+    rows = []
+    for steps in args.accuracy_steps:
+        method = bl.implicit(bl.proximal_gradient(LASSO_PROX, stepsize=1.0 / args.lipschitz, steps=steps),
+                             bl.cg(maxiter=100, tol=1e-12))
+        out = jax.jit(bl.hypergrad(PROBLEM, method))(jnp.asarray(args.accuracy_at), params0, data[0], data[1])
+        rows.append({"steps": steps, "grad": float(out.grad), "rel_error": abs(float(out.grad) - fd) / abs(fd),
+                     "optimality_residual": float(out.stats["optimality_residual"])})
+        print(f"  log λ = {args.accuracy_at}, {steps:5d} FISTA steps: optimality residual "
+              f"{rows[-1]['optimality_residual']:.1e}, hypergradient rel. error {rows[-1]['rel_error']:.1e}")
+    return {"log_lam": args.accuracy_at, "sklearn_fd": float(fd), "rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------
 # 2./3. Tuning: hypergradient descent against grid and random search, same number of inner solves
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +391,11 @@ def table(result: dict) -> str:
     for r in result["check"]["lasso"]:
         lines.append(f"| {r['log_lam']:.2f} | {r['support_size']} | {r['implicit_prox_l1']:.6g} | {r['sklearn_fd']:.6g} "
                      f"| {r['rel_error']:.1e} | {r['implicit_stationary']:.6g} |")
+    acc = result["forward_accuracy"]
+    lines += ["", (f"| FISTA steps (log λ = {acc['log_lam']:.2f}) | optimality residual | hypergradient "
+                   "| relative error |"), "|---|---|---|---|"]
+    for r in acc["rows"]:
+        lines.append(f"| {r['steps']} | {r['optimality_residual']:.1e} | {r['grad']:.6g} | {r['rel_error']:.1e} |")
     lines += ["", "| elastic net log λ₁, log λ₂ | support | implicit | sklearn finite differences | relative error |",
               "|---|---|---|---|---|"]
     for r in result["check"]["elastic_net"]:
@@ -402,6 +423,9 @@ def parse(argv=None):
                    help="other starts of Lasso hypergradient descent, evenly inside the range")
     p.add_argument("--check-at", type=float, nargs="+", default=(-2.0, 0.0, 1.0, 2.0),
                    help="log λ values of the finite-difference check")
+    p.add_argument("--accuracy-at", type=float, default=-2.0, help="log λ of the forward-accuracy study")
+    p.add_argument("--accuracy-steps", type=int, nargs="+", default=(200, 500, 1000, 2000, 5000),
+                   help="FISTA steps of the forward-accuracy study")
     p.add_argument("--fd-step", type=float, default=1e-4, help="central-difference step in log λ")
     p.add_argument("--dense", type=int, default=200, help="points of the plotted Lasso curve")
     p.add_argument("--dense-2d", type=int, default=40, help="points per side of the plotted elastic-net map")
@@ -410,6 +434,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.budget, args.starts, args.dense, args.dense_2d, args.check_at = 9, 2, 30, 8, (0.0, 2.0)
+        args.accuracy_steps = (200,)
     args.enet_check_at = ((0.0, -1.0),) if args.quick else ((0.0, -1.0), (1.0, 0.0))
     return args
 
@@ -435,6 +460,7 @@ def main(argv=None) -> dict:
                           "bilevel": getattr(bl, "__version__", "unknown")}}
     print("hypergradient check:")
     result["check"] = check_hypergradients(args, data, params0)
+    result["forward_accuracy"] = forward_accuracy(args, data, params0)
     for key, tune in (("lasso", tune_lasso), ("elastic_net", tune_elastic_net)):
         result[key] = tune(args, data, params0)
         for r in result[key]["runs"] + result[key].get("other_starts", []):

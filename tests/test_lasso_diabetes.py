@@ -32,8 +32,9 @@ def test_writes_figure_table_and_json(quick):
     assert json.loads((out / "lasso_diabetes.json").read_text())["sizes"] == [222, 110, 110]
     table = (out / "lasso_diabetes.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ")]
-    # 3 headers; 2 Lasso rows + 2 other starts (--quick) + 3 elastic-net rows; 2 Lasso checks; 1 elastic-net check
-    assert len(rows) == 3 + 7 + 2 + 1
+    # 4 headers; 2 Lasso rows + 2 other starts (--quick) + 3 elastic-net rows; 2 Lasso checks;
+    # 1 forward-accuracy row (--quick); 1 elastic-net check
+    assert len(rows) == 4 + 7 + 2 + 1 + 1
     assert "machine" in result and result["settings"]["quick"]
 
 
@@ -55,6 +56,8 @@ def test_hypergradient_matches_sklearn_finite_differences(quick):
     for row in result["check"]["lasso"]:
         assert row["stats_prox_l1"]["optimality_residual"] < 1e-6
         assert row["stats_prox_l1"]["solve_residual"] < 1e-8
+    # the accuracy study's FD is the same scikit-learn quantity; its 200-step FISTA row is inaccurate
+    assert result["forward_accuracy"]["rows"][0]["optimality_residual"] > 1e-6
     # λ >= λ_max: w = 0, empty support, the hypergradient is exactly zero (descent cannot start there)
     assert result["check"]["above_lambda_max"] == {**result["check"]["above_lambda_max"], "grad": 0.0,
                                                    "support_size": 0}
