@@ -59,10 +59,9 @@ class AbstractConditionProblem(eqx.Module):
     import bilevel.testing as blt
 
     exact = blt.Lasso.sample(0, dim=6)
-    w = exact.response(exact.hparams)           # exact Lasso solution
-    g = exact.hypergrad(exact.hparams)          # exact dL_V/dλ
-    assert bool(exact.is_valid(exact.hparams))
-    gs = jax.vmap(exact.hypergrad)(exact.hparams + jnp.linspace(-1e-3, 1e-3, 3))
+    lams = exact.hparams + jnp.linspace(-1e-3, 1e-3, 3)   # near the default λ
+    ws, gs = jax.vmap(lambda lam: (exact.response(lam), exact.hypergrad(lam)))(lams)
+    assert bool(jax.vmap(exact.is_valid)(lams).all())      # the stored support is still optimal
     ```
     """
 

@@ -77,7 +77,7 @@ class Contraction(AbstractConditionProblem):
     exact = blt.Contraction.sample(0, dim=5)
     w = exact.response(exact.hparams)
     assert jnp.allclose(exact.T(w, exact.hparams, exact.inner_batch), w)
-    g = jax.jit(exact.hypergrad)(exact.hparams)
+    g = jax.jit(lambda e, lam: e.hypergrad(lam))(exact, exact.hparams)
     ```
     """
 

@@ -334,10 +334,11 @@ def lasso_problems(
 
     @settings(max_examples=3, deadline=None)
     @given(bst.lasso_problems(max_dim=4))
-    def test_support_is_optimal(exact):
-        assert bool(exact.is_valid(exact.hparams))
+    def test_support_is_nontrivial(exact):
+        nonzeros = int((exact.signs != 0).sum())
+        assert 0 < nonzeros < exact.X.shape[1]
 
-    test_support_is_optimal()
+    test_support_is_nontrivial()
     ```
     """
     return _regression_problems(Lasso, "lasso_problems", min_dim, max_dim, max_condition,
@@ -372,7 +373,7 @@ def elastic_net_problems(
     @settings(max_examples=3, deadline=None)
     @given(bst.elastic_net_problems(max_dim=4))
     def test_shape(exact):
-        assert exact.hypergrad(exact.hparams).shape == (2,)
+        assert exact.hparams.shape == (2,)
 
     test_shape()
     ```
@@ -412,17 +413,15 @@ def box_qp_problems(
     **Example:**
 
     ```python
-    import jax.numpy as jnp
     from hypothesis import given, settings
     import bilevel.testing.strategies as bst
 
     @settings(max_examples=3, deadline=None)
     @given(bst.box_qp_problems(max_dim=4))
-    def test_inside_the_box(exact):
-        w = exact.response(exact.hparams)
-        assert bool(jnp.all((exact.lower <= w) & (w <= exact.upper)))
+    def test_some_free_some_at_a_bound(exact):
+        assert (exact.active == 0).any() and (exact.active != 0).any()
 
-    test_inside_the_box()
+    test_some_free_some_at_a_bound()
     ```
     """
     where = "box_qp_problems"
