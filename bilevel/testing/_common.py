@@ -41,10 +41,9 @@ class AbstractConditionProblem(eqx.Module):
     stores the support or active set of its solution at the default hyperparameters
     `hparams` (computed when it is built, and checked there against the optimality
     conditions in float64), and the closed forms are those of that piece. They are exact
-    wherever that support is still optimal, which [`is_valid`][bilevel.testing.AbstractConditionProblem.is_valid]
-    tells (a neighbourhood of `hparams`; instances from `sample` have margins that make it
-    a wide one). Elsewhere `response`, `value` and `hypergrad` return NaN rather than a
-    wrong number.
+    wherever that support is still optimal, which `is_valid` tells (a neighbourhood of
+    `hparams`; instances from `sample` have margins that make it a wide one). Elsewhere
+    `response`, `value` and `hypergrad` return NaN rather than a wrong number.
 
     Concrete classes: [`bilevel.testing.Lasso`][], [`bilevel.testing.ElasticNet`][],
     [`bilevel.testing.BoxQP`][], [`bilevel.testing.NonnegativeLeastSquares`][],
@@ -233,7 +232,7 @@ def design(rng: np.random.Generator, n: int, d: int, max_condition: float):
 
 
 def targets_with_moment(rng, U, sv, V, moment, noise):
-    """`y` with `Xᵀy/n = moment` for `X = U diag(sv) Vᵀ`, plus noise orthogonal to `range(X)`."""
+    """`y` with `Xᵀy/n = moment` for `X = U diag(sv) Vᵀ`, plus noise orthogonal to range(X)."""
     n = U.shape[0]
     eps = noise * rng.standard_normal(n)
     return U @ (n * (V.T @ moment) / sv) + eps - U @ (U.T @ eps)

@@ -9,8 +9,8 @@ solution solves the equality-constrained KKT system
 
     [[Q, Eᵀ, G_Aᵀ], [E, 0, 0], [G_A, 0, 0]] [w; ν; μ_A] = [q; e; h_A]
 
-(sign convention: `∇_w[½wᵀQw − qᵀw + νᵀ(Ew − e) + μᵀ(Gw − h)] = 0`, `μ >= 0`), which is
-linear in `q`, so the response and the hypergradient follow from one dense solve. Each
+(sign convention: `∇_w[½wᵀQw − qᵀw + νᵀ(Ew − e) + μᵀ(Gw − h)] = 0`, `μ >= 0`),
+which is linear in `q`, so the response and the hypergradient follow from one dense solve. Each
 instance stores the active set at its default hyperparameters (found when it is built by
 a dual projected-gradient solve in NumPy float64, then checked exactly) and is exact
 wherever that active set stays optimal (`is_valid`), NaN elsewhere.
@@ -235,7 +235,7 @@ def _validity_scale(*arrays):
 class BoxQP(AbstractConditionProblem):
     """A strictly convex quadratic over a box, with a linear term affine in λ.
 
-        L_T(w, λ) = ½wᵀQw − (c + Bλ)ᵀw   s.t.  lower <= w <= upper      L_V(w) = ½‖w − w_target‖²
+        L_T(w, λ) = ½wᵀQw − (c + Bλ)ᵀw  s.t.  lower <= w <= upper     L_V(w) = ½‖w − w_target‖²
 
     `problem.inner` is the quadratic; the constraint is handled by projection
     ([`project`][bilevel.testing.BoxQP.project], a clip), so the solution is a fixed point
@@ -428,17 +428,24 @@ class BoxQP(AbstractConditionProblem):
         w = masked_solve(self.Q, free, q - self.Q @ bound) + bound
         grad = self.Q @ w - q
         tol = tolerance(self.dtype)
-        inside = (w >= self.lower - tol * (1 + jnp.abs(w))) & (w <= self.upper + tol * (1 + jnp.abs(w)))
+        slack = tol * (1 + jnp.abs(w))
+        inside = (w >= self.lower - slack) & (w <= self.upper + slack)
         sign_ok = -self.active * grad >= -tol * _validity_scale(q, self.Q @ w)
         valid = jnp.all(jnp.where(free, inside, sign_ok))
         return w, free, valid
 
     def is_valid(self, hparams) -> Array:
-        """Free coordinates inside the box, multipliers `>= 0`; see [`AbstractConditionProblem.is_valid`][]."""
+        """Free coordinates inside the box, multipliers `>= 0`.
+
+        See [`AbstractConditionProblem.is_valid`][].
+        """
         return self._solve(hparams)[2]
 
     def response(self, hparams) -> Array:
-        """`w_A` at its bounds, `w_F = Q_FF⁻¹((c + Bλ)_F − Q_FA w_A)`; see [`AbstractConditionProblem.response`][]."""
+        """`w_A` at its bounds, `w_F = Q_FF⁻¹((c + Bλ)_F − Q_FA w_A)`.
+
+        See [`AbstractConditionProblem.response`][].
+        """
         w, _, valid = self._solve(hparams)
         return nan_unless(valid, w)
 
@@ -456,7 +463,7 @@ class BoxQP(AbstractConditionProblem):
 class NonnegativeLeastSquares(AbstractConditionProblem):
     """Ridge regression constrained to nonnegative weights, with one log-penalty.
 
-        L_T(w, λ) = 1/(2n)‖Xw − y‖² + ½e^λ‖w‖²   s.t.  w >= 0      L_V(w) = 1/(2m)‖Xv w − yv‖²
+        L_T(w, λ) = 1/(2n)‖Xw − y‖² + ½e^λ‖w‖²  s.t.  w >= 0     L_V(w) = 1/(2m)‖Xv w − yv‖²
 
     `problem.inner` is the (smooth) ridge loss; the constraint is handled by projection
     ([`project`][bilevel.testing.NonnegativeLeastSquares.project], `max(x, 0)`). With `F`
@@ -640,7 +647,10 @@ class NonnegativeLeastSquares(AbstractConditionProblem):
         return nan_unless(valid, w)
 
     def hypergrad(self, hparams) -> Array:
-        """`−e^λ w*_Fᵀ (X_FᵀX_F/n + e^λ I)⁻¹ ∇_F L_V`; see [`AbstractConditionProblem.hypergrad`][]."""
+        """`−e^λ w*_Fᵀ (X_FᵀX_F/n + e^λ I)⁻¹ ∇_F L_V`.
+
+        See [`AbstractConditionProblem.hypergrad`][].
+        """
         rho, K, free, w, valid = self._solve(hparams)
         g = self.Xv.T @ (self.Xv @ w - self.yv) / self.Xv.shape[0]
         return nan_unless(valid, -rho * (w @ masked_solve(K, free, g)))
@@ -664,7 +674,7 @@ def _project_simplex(x):
 class SimplexLeastSquares(AbstractConditionProblem):
     """Least squares over the probability simplex, with a target affine in λ.
 
-        L_T(w, λ) = ½‖Aw − b − Cλ‖²   s.t.  w >= 0, Σw = 1       L_V(w) = ½‖w − w_target‖²
+        L_T(w, λ) = ½‖Aw − b − Cλ‖²  s.t.  w >= 0, Σw = 1      L_V(w) = ½‖w − w_target‖²
 
     `problem.inner` is the least-squares loss; the constraint is handled by projection
     ([`project`][bilevel.testing.SimplexLeastSquares.project]). With `S` the support and
@@ -854,11 +864,17 @@ class SimplexLeastSquares(AbstractConditionProblem):
         return K, m, d, w, jnp.all(ok)
 
     def is_valid(self, hparams) -> Array:
-        """Support weights `>= 0`, multipliers off it `>= 0`; see [`AbstractConditionProblem.is_valid`][]."""
+        """Support weights `>= 0`, multipliers off it `>= 0`.
+
+        See [`AbstractConditionProblem.is_valid`][].
+        """
         return self._solve(hparams)[-1]
 
     def response(self, hparams) -> Array:
-        """`w*_S` from the KKT system on the support, 0 off it; see [`AbstractConditionProblem.response`][]."""
+        """`w*_S` from the KKT system on the support, 0 off it.
+
+        See [`AbstractConditionProblem.response`][].
+        """
         *_, w, valid = self._solve(hparams)
         return nan_unless(valid, w)
 
@@ -888,7 +904,7 @@ def _check_kkt_data(where, Q, c, B, M, r, w_target, names):
 class EqualityQP(AbstractConditionProblem):
     """A strictly convex quadratic with linear equality constraints, in KKT form.
 
-        L_T(w, λ) = ½wᵀQw − (c + Bλ)ᵀw   s.t.  Aw = b       L_V(w) = ½‖w − w_target‖²
+        L_T(w, λ) = ½wᵀQw − (c + Bλ)ᵀw  s.t.  Aw = b      L_V(w) = ½‖w − w_target‖²
 
     The parameters are the KKT triple `(w, ν, None)` (primal, equality multipliers, no
     inequality multipliers): `params0 = (zeros(d), zeros(p), None)`, and `problem.inner` /
@@ -1038,7 +1054,10 @@ class EqualityQP(AbstractConditionProblem):
         return jnp.array(True)
 
     def response(self, hparams):
-        """`(w*, ν*, None)` with `[w*; ν*] = K⁻¹[c + Bλ; b]`; see [`AbstractConditionProblem.response`][]."""
+        """`(w*, ν*, None)` with `[w*; ν*] = K⁻¹[c + Bλ; b]`.
+
+        See [`AbstractConditionProblem.response`][].
+        """
         d = self.Q.shape[0]
         sol = jnp.linalg.solve(self._kkt(), jnp.concatenate([self.c + self.B @ self._cast(hparams),
                                                               self.b]))
@@ -1055,7 +1074,7 @@ class EqualityQP(AbstractConditionProblem):
 class InequalityQP(AbstractConditionProblem):
     """A strictly convex quadratic with linear inequality constraints, in KKT form.
 
-        L_T(w, λ) = ½wᵀQw − (c + Bλ)ᵀw   s.t.  Gw <= h       L_V(w) = ½‖w − w_target‖²
+        L_T(w, λ) = ½wᵀQw − (c + Bλ)ᵀw  s.t.  Gw <= h      L_V(w) = ½‖w − w_target‖²
 
     The parameters are the KKT triple `(w, None, μ)` (primal, no equality multipliers,
     inequality multipliers `μ >= 0`): `params0 = (zeros(d), None, zeros(p))`, and
@@ -1199,7 +1218,7 @@ class InequalityQP(AbstractConditionProblem):
 
     @property
     def ineq(self):
-        """The inequality-constraint map `ineq(w, hparams, batch) = Gw − h` (`<= 0` when feasible).
+        """The inequality-constraint map `ineq(w, hparams, batch) = Gw − h` (`<= 0` if feasible).
 
         A module-level pure function of the primal `w`, reading `G, h` from
         `batch = inner_batch` (the same function for every instance).
@@ -1211,7 +1230,7 @@ class InequalityQP(AbstractConditionProblem):
         return _cast_hparams(hparams, (k,), self.dtype, "InequalityQP", f"{k} hyperparameters")
 
     def _kkt(self):
-        """`[[Q, GᵀP], [PG, I − P]]` with `P = diag(active)`: symmetric, inactive μ pinned to 0."""
+        """`[[Q, GᵀP], [PG, I − P]]`, `P = diag(active)`: symmetric; inactive μ pinned to 0."""
         m = self.active.astype(self.dtype)
         return jnp.block([[self.Q, self.G.T * m[None, :]], [self.G * m[:, None], jnp.diag(1 - m)]])
 
@@ -1228,11 +1247,17 @@ class InequalityQP(AbstractConditionProblem):
         return K, d, w, mu, jnp.all(ok)
 
     def is_valid(self, hparams) -> Array:
-        """Inactive constraints satisfied, active multipliers `>= 0`; see [`AbstractConditionProblem.is_valid`][]."""
+        """Inactive constraints satisfied, active multipliers `>= 0`.
+
+        See [`AbstractConditionProblem.is_valid`][].
+        """
         return self._solve(hparams)[-1]
 
     def response(self, hparams):
-        """`(w*, None, μ*)` from the KKT system on the active set; see [`AbstractConditionProblem.response`][]."""
+        """`(w*, None, μ*)` from the KKT system on the active set.
+
+        See [`AbstractConditionProblem.response`][].
+        """
         _, _, w, mu, valid = self._solve(hparams)
         return nan_unless(valid, (w, None, mu))
 

@@ -195,7 +195,10 @@ class Contraction(AbstractConditionProblem):
         return jnp.eye(self.A.shape[0], dtype=self.dtype) - self.A
 
     def is_valid(self, hparams) -> Array:
-        """Always true (the fixed point is unique for every λ); see [`AbstractConditionProblem.is_valid`][]."""
+        """Always true (the fixed point is unique for every λ).
+
+        See [`AbstractConditionProblem.is_valid`][].
+        """
         self._cast(hparams)
         return jnp.array(True)
 

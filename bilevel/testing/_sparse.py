@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +92,7 @@ def _kkt_violation(H, v, l1, signs):
 
 
 def _coordinate_descent_signs(H, v, l1, where):
-    """The signs of argmin ½wᵀHw − vᵀw + l1‖w‖₁ by coordinate descent, verified by KKT."""
+    """The signs of argmin ½wᵀHw − vᵀw + l1‖w‖₁ by coordinate descent, checked by KKT."""
     d = len(v)
     w = np.zeros(d)
     diag = np.diag(H)
@@ -256,11 +255,17 @@ class _AbstractSparse(AbstractConditionProblem):
         return l1, l2, s, w, u, valid
 
     def is_valid(self, hparams) -> Array:
-        """Whether the stored support is the solution's at `hparams`; see [`AbstractConditionProblem.is_valid`][]."""
+        """Whether the stored support is the solution's at `hparams`.
+
+        See [`AbstractConditionProblem.is_valid`][].
+        """
         return self._solve(hparams)[-1]
 
     def response(self, hparams) -> Array:
-        """`w_S = (X_SᵀX_S/n + l2 I)⁻¹(X_Sᵀy/n − l1 s_S)`, 0 off S; see [`AbstractConditionProblem.response`][]."""
+        """`w_S = (X_SᵀX_S/n + l2 I)⁻¹(X_Sᵀy/n − l1 s_S)`, 0 off S.
+
+        See [`AbstractConditionProblem.response`][].
+        """
         _, _, _, w, _, valid = self._solve(hparams)
         return nan_unless(valid, w)
 
@@ -268,7 +273,7 @@ class _AbstractSparse(AbstractConditionProblem):
 class Lasso(_AbstractSparse):
     """The Lasso with one log-penalty, split into a smooth loss and a prox-able penalty.
 
-        L_T(w, λ) = f(w) + e^λ ‖w‖₁,    f(w) = 1/(2n)‖Xw − y‖²      L_V(w) = 1/(2m)‖Xv w − yv‖²
+        L_T(w, λ) = f(w) + e^λ‖w‖₁,  f(w) = 1/(2n)‖Xw − y‖²      L_V(w) = 1/(2m)‖Xv w − yv‖²
 
     `problem.inner` is the smooth part `f` only; the penalty `e^λ‖w‖₁` is handled by a
     proximal operator: [`prox`][bilevel.testing.Lasso.prox] (soft-thresholding at
@@ -436,7 +441,7 @@ class Lasso(_AbstractSparse):
 class ElasticNet(_AbstractSparse):
     """The elastic net with two log-penalties, split into a smooth loss and a prox-able penalty.
 
-        L_T(w, λ) = f(w) + e^{λ₁}‖w‖₁ + ½e^{λ₂}‖w‖²,    f(w) = 1/(2n)‖Xw − y‖²
+        L_T(w, λ) = f(w) + e^{λ₁}‖w‖₁ + ½e^{λ₂}‖w‖²,   f(w) = 1/(2n)‖Xw − y‖²
         L_V(w) = 1/(2m)‖Xv w − yv‖²
 
     with `hparams = (λ₁, λ₂) = (log l1, log l2)`, shape `(2,)`. As for
@@ -583,7 +588,10 @@ class ElasticNet(_AbstractSparse):
         return l1 * jnp.sum(jnp.abs(params)) + 0.5 * l2 * jnp.sum(params**2)
 
     def hypergrad(self, hparams) -> Array:
-        """`(−l1 s_Sᵀu, −l2 w*_Sᵀu)` with `u = (X_SᵀX_S/n + l2 I)⁻¹ ∇_S L_V(w*)`; see [`AbstractConditionProblem.hypergrad`][]."""
+        """`(−l1 s_Sᵀu, −l2 w*_Sᵀu)` with `u = (X_SᵀX_S/n + l2 I)⁻¹ ∇_S L_V(w*)`.
+
+        See [`AbstractConditionProblem.hypergrad`][].
+        """
         l1, l2, s, w, u, valid = self._solve(hparams)
         return nan_unless(valid, jnp.stack([-l1 * (s @ u), -l2 * (w @ u)]))
 

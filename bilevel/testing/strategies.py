@@ -430,9 +430,8 @@ def box_qp_problems(
     min_k = check_int(min_hparams, "min_hparams", where, 1, 1)
     max_k = check_int(max_hparams, "max_hparams", where, 1, 3)
     if max_k < min_k:
-        raise ValueError(
-            f"{where} requires min_hparams <= max_hparams; got {min_k} and {max_k}. Raise max_hparams."
-        )
+        raise ValueError(f"{where} requires min_hparams <= max_hparams; got {min_k} and "
+                         f"{max_k}. Raise max_hparams.")
 
     @st.composite
     def draw(draw_):
