@@ -42,9 +42,10 @@ def test_hypergradient_matches_sklearn_finite_differences(quick):
     """Relative error below 1e-5 at every checked λ.
 
     Both sides are accurate far below that: FISTA's 2000 steps reach an optimality residual
-    of ~1e-12 at the checked λ (log λ >= 0), the support-restricted CG solve goes to 1e-12, and
-    scikit-learn's coordinate descent runs to tol 1e-14, so central differences with step
-    1e-4 in log λ carry an O(h²) ≈ 1e-8 truncation error (1e-8 measured). The bound leaves
+    below 1e-12 at the checked λ (log λ >= 0; 0.0 measured), the support-restricted CG solve
+    goes to 1e-12, and scikit-learn's coordinate descent runs to tol 1e-14, so central
+    differences with step 1e-4 in log λ carry an O(h²) ≈ 1e-8 truncation error (1e-8
+    measured). The bound leaves
     room for BLAS differences; it would still catch a wrong sign or a factor (the stationarity
     condition below is off by O(1)). FD is only valid where no support change lies within ±h:
     the script checks that and the test requires it.
