@@ -90,6 +90,20 @@ def _zero_anchor(tangents) -> jax.Array:
     return 0.0 * sum(sums)
 
 
+def _link(tree):
+    """Add 0 × (the sum of every leaf) to each leaf: numerically nothing.
+
+    Applied to a solve's output, it makes each leaf's cotangent a linear function of all the
+    output cotangents instead of a symbolic zero. Transposing the solve (reverse mode) and
+    differentiating that again (forward-over-reverse, reverse-over-reverse) requires every
+    right-hand-side leaf to be linear in the input: without it, a leaf the loss ignores
+    (a KKT multiplier, or the stats block of the augmented solve) breaks
+    `custom_linear_solve`'s JVP.
+    """
+    total = 0.0 * sum(jnp.sum(t) for t in jax.tree_util.tree_leaves(tree))
+    return _tmap(lambda t: t + total.astype(t.dtype), tree)
+
+
 def _all_zero(tangents) -> bool:
     leaves = jax.tree_util.tree_leaves(tangents, is_leaf=lambda x: isinstance(x, SymbolicZero))
     return all(isinstance(t, SymbolicZero) for t in leaves)
@@ -189,10 +203,14 @@ def _restrict(mask, jvp, rhs):
 
 
 def _condition_stats(condition, problem, params, hparams, batch, stats):
-    """The forward method's stats, with the condition's residual where it is not stationarity."""
-    if isinstance(condition, Stationary):
-        return stats
+    """The forward method's stats with the residual of the condition being differentiated:
+    `inner_grad_norm` for stationarity, `optimality_residual` for any other condition."""
     args = jax.lax.stop_gradient((params, hparams, batch))
+    if isinstance(condition, Stationary):
+        if "inner_grad_norm" in stats:          # unroll, solver and best_response report it
+            return stats
+        stats = {k: v for k, v in stats.items() if k != "optimality_residual"}
+        return {**stats, "inner_grad_norm": condition.residual_norm(problem, *args)}
     stats = {k: v for k, v in stats.items() if k != "inner_grad_norm"}
     stats["optimality_residual"] = condition.residual_norm(problem, *args)
     mask = condition.support(problem, *args)
@@ -237,8 +255,8 @@ def _implicit_response(method: Implicit, problem):
 
         if _all_zero(d_probe):
             solve = lambda mv, b: linsolve.solve(mv, b)[0]  # noqa: E731
-            d_params = jax.lax.custom_linear_solve(
-                matvec, rhs, solve, None if symmetric else solve, symmetric=symmetric)
+            d_params = _link(jax.lax.custom_linear_solve(
+                matvec, rhs, solve, None if symmetric else solve, symmetric=symmetric))
         else:
             # Augmented block-diagonal system diag(J, I) (x, s) = (rhs, d_probe): the solver's
             # stats are written into the s block, so reverse mode returns them as the
@@ -256,12 +274,7 @@ def _implicit_response(method: Implicit, problem):
                 aug_matvec, (rhs, d_probe), aug_solve, None if symmetric else aug_solve,
                 symmetric=symmetric,
             )
-            # Link the s block into the output with weight 0: numerically nothing, but its
-            # cotangent is then a linear function of the output cotangent rather than a
-            # symbolic zero, which higher-order reverse mode (transposing this solve's
-            # JVP) requires of every right-hand-side block.
-            link = 0.0 * sum(jax.tree_util.tree_leaves(d_stats))
-            d_params = _tmap(lambda t: t + link.astype(t.dtype), d_params)
+            d_params = _link((d_params, d_stats))[0]
         return (params, stats), (d_params, zero_stats)
 
     respond.defjvp(respond_jvp, symbolic_zeros=True)

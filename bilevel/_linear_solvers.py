@@ -33,8 +33,9 @@ _tmap = jax.tree_util.tree_map
 def _check_number(value, name: str, where: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(
-            f"{where} requires `{name}` to be a Python number; got {type(value).__name__} "
-            f"{value!r}."
+            f"{where} requires `{name}` to be a Python number (a setting fixed at compile "
+            f"time); got {type(value).__name__} {value!r}. Pass float(...) of a concrete value; "
+            "a setting that should change without recompiling belongs in the hyperparameters."
         )
     if not math.isfinite(value):
         raise ValueError(
@@ -65,8 +66,13 @@ def _check_count(value, name: str, where: str, minimum: int) -> int:
 
 
 def _py(value):
-    """NumPy scalars (np.float64(0.1), np.int64(5)) as Python numbers; anything else unchanged."""
-    return value.item() if isinstance(value, np.generic) and value.ndim == 0 else value
+    """NumPy and concrete JAX scalars (np.float64(0.1), jnp.asarray(5)) as Python numbers;
+    anything else (a traced value among them) unchanged, for the settings checks to refuse."""
+    if isinstance(value, np.generic) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, jax.Array) and value.ndim == 0 and not isinstance(value, jax.core.Tracer):
+        return value.item()
+    return value
 
 
 def _relative_residual(matvec, x, b):

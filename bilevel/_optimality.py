@@ -97,8 +97,8 @@ class AbstractProx(eqx.Module):
 
 
 class _SoftThreshold(AbstractProx):
-    l1: Callable | None = eqx.field(static=True)
-    l2: Callable | None = eqx.field(static=True)
+    l1: Callable | None
+    l2: Callable | None
 
     def __call__(self, v, hparams, step):
         l1 = _like(_strength(self.l1, hparams), v)
@@ -114,7 +114,7 @@ class _SoftThreshold(AbstractProx):
 
 
 class _GroupL1(AbstractProx):
-    strength: Callable | None = eqx.field(static=True)
+    strength: Callable | None
 
     def __call__(self, v, hparams, step):
         lam = _like(_strength(self.strength, hparams), v)
@@ -171,8 +171,8 @@ class _L2Ball(AbstractProx):
 
 
 class _UserProx(AbstractProx):
-    fn: Callable = eqx.field(static=True)
-    support_fn: Callable | None = eqx.field(static=True)
+    fn: Callable
+    support_fn: Callable | None
     is_projection: bool = eqx.field(static=True)
 
     def __call__(self, v, hparams, step):
@@ -559,8 +559,8 @@ def _has_support(p: AbstractProx) -> bool:
 class KKT(AbstractCondition):
     """KKT conditions with multipliers in the solution. See `bilevel.kkt`."""
 
-    eq: Callable | None = eqx.field(static=True)
-    ineq: Callable | None = eqx.field(static=True)
+    eq: Callable | None
+    ineq: Callable | None
 
     def __check_init__(self):
         where = "kkt(eq=None, ineq=None)"
@@ -624,7 +624,7 @@ class KKT(AbstractCondition):
 class FixedPoint(AbstractCondition):
     """w = T(w, λ, batch). See `bilevel.fixed_point`."""
 
-    fn: Callable = eqx.field(static=True)
+    fn: Callable
 
     def __check_init__(self):
         _check_callable(self.fn, "fn", "fixed_point(fn)", "(params, hparams, batch) -> params")
