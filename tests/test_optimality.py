@@ -561,6 +561,8 @@ def test_proximal_gradient_refuses_per_step_data():
 # Their closed forms are checked against sklearn, scipy and finite differences of independent
 # solves in tests/test_testing_conditions.py; here they check the conditions end to end.
 
+import equinox as eqx  # noqa: E402
+
 import bilevel.testing as blt  # noqa: E402
 import bilevel.testing.strategies as bst  # noqa: E402
 from hypothesis import given  # noqa: E402
@@ -593,8 +595,45 @@ CONDITION_PROBLEMS = {
 }
 
 
+def _jaxopt_fixed_point_builders():
+    """The same conditions written with jaxopt's own proxes and projections."""
+    def gradient_step(exact, eta):
+        return lambda w, h: w - eta * jax.grad(exact.problem.inner)(w, h, exact.inner_batch)
+
+    def elastic_net(e, eta):
+        step = gradient_step(e, eta)
+        return lambda w, h: jaxopt.prox.prox_elastic_net(
+            step(w, h), (jnp.exp(h[0]), jnp.exp(h[1]) / jnp.exp(h[0])), eta)
+
+    def box(e, eta):
+        return lambda w, h: jaxopt.projection.projection_box(gradient_step(e, eta)(w, h), (e.lower, e.upper))
+
+    def nonneg(e, eta):
+        return lambda w, h: jaxopt.projection.projection_non_negative(gradient_step(e, eta)(w, h))
+
+    def simplex(e, eta):
+        return lambda w, h: jaxopt.projection.projection_simplex(gradient_step(e, eta)(w, h))
+
+    return {"elastic_net": elastic_net, "box_qp": box, "nnls": nonneg, "simplex": simplex,
+            "contraction": lambda e, eta: lambda w, h: e.T(w, h, e.inner_batch)}
+
+
+JAXOPT_FIXED_POINTS = _jaxopt_fixed_point_builders()
+
+
+def _jaxopt_hypergrad(exact, build):
+    fixed_point = build(exact, 1.0 / float(getattr(exact, "lipschitz", 1.0)))
+
+    @jaxopt.implicit_diff.custom_fixed_point(
+        fixed_point, solve=lambda mv, b: jaxopt.linear_solve.solve_gmres(mv, b, tol=1e-13))
+    def solve(init, h):
+        return exact.response(jax.lax.stop_gradient(h))
+
+    return jax.grad(lambda h: exact.problem.outer(solve(exact.params0, h), h, exact.outer_batch))(exact.hparams)
+
+
 @pytest.mark.parametrize("name", sorted(CONDITION_PROBLEMS))
-def test_every_exact_condition_problem(name):
+def test_every_exact_condition_problem_and_jaxopt(name):
     make, method_for = CONDITION_PROBLEMS[name]
     exact = make()
     out = jax.jit(bl.hypergrad(exact.problem, method_for(exact)))(
@@ -602,22 +641,46 @@ def test_every_exact_condition_problem(name):
     assert bool(exact.is_valid(exact.hparams))
     np.testing.assert_allclose(out.grad, exact.hypergrad(exact.hparams), rtol=1e-7, atol=1e-10)
     assert float(out.stats["optimality_residual"]) < 1e-8
+    if name in JAXOPT_FIXED_POINTS:   # the same condition through jaxopt's custom_fixed_point
+        np.testing.assert_allclose(out.grad, _jaxopt_hypergrad(exact, JAXOPT_FIXED_POINTS[name]),
+                                   rtol=1e-7, atol=1e-10)
 
 
-@given(bst.lasso_problems(max_dim=7))
+# One method (and one compile per size) for every drawn problem: η = 1/10 is valid for all,
+# since the strategies bound the Hessian's eigenvalues to [1, max_condition = 10].
+DRAWN_STEP = 0.1
+DRAWN_LASSO = jax.jit(bl.hypergrad(blt.Lasso.sample(0, dim=2).problem, bl.implicit(
+    bl.proximal_gradient(bl.prox_l1(jnp.exp), stepsize=DRAWN_STEP, steps=800), bl.cg(tol=1e-12))))
+
+
+EXACT_HYPERGRAD = eqx.filter_jit(lambda exact, h: exact.hypergrad(h))   # compiled: faster than eager ops
+
+
+@given(bst.lasso_problems(max_dim=7, max_condition=1 / DRAWN_STEP))
 def test_lasso_hypergradient_on_drawn_sizes_and_supports(exact):
-    method = bl.implicit(_fista_for(exact, bl.prox_l1(jnp.exp), steps=800), bl.cg(tol=1e-12))
-    out = bl.hypergrad(exact.problem, method)(exact.hparams, exact.params0, exact.inner_batch, exact.outer_batch)
-    np.testing.assert_allclose(out.grad, exact.hypergrad(exact.hparams), rtol=1e-6, atol=1e-10)
+    assert float(exact.lipschitz) <= 1 / DRAWN_STEP
+    out = DRAWN_LASSO(exact.hparams, exact.params0, exact.inner_batch, exact.outer_batch)
+    np.testing.assert_allclose(out.grad, EXACT_HYPERGRAD(exact, exact.hparams), rtol=1e-6, atol=1e-10)
     assert int(out.stats["support_size"]) == int((exact.signs != 0).sum())
 
 
-@given(bst.box_qp_problems(max_dim=7))
-def test_box_qp_hypergradient_on_drawn_sizes_and_active_sets(exact):
-    method = bl.implicit(_fista_for(exact, bl.projection_box(exact.lower, exact.upper), steps=800),
+BOX_PROBLEM = blt.BoxQP.sample(0, dim=2).problem
+
+
+def _box_hypergrad(hparams, inner_batch, outer_batch, lower, upper):
+    method = bl.implicit(bl.projected_gradient(bl.projection_box(lower, upper), stepsize=DRAWN_STEP, steps=800),
                          bl.cg(tol=1e-12))
-    out = bl.hypergrad(exact.problem, method)(exact.hparams, exact.params0, exact.inner_batch, exact.outer_batch)
-    np.testing.assert_allclose(out.grad, exact.hypergrad(exact.hparams), rtol=1e-6, atol=1e-10)
+    return bl.hypergrad(BOX_PROBLEM, method)(hparams, jnp.zeros_like(lower), inner_batch, outer_batch)
+
+
+DRAWN_BOX = jax.jit(_box_hypergrad)
+
+
+@given(bst.box_qp_problems(max_dim=6, max_hparams=2, max_condition=1 / DRAWN_STEP))
+def test_box_qp_hypergradient_on_drawn_sizes_and_active_sets(exact):
+    assert float(exact.lipschitz) <= 1 / DRAWN_STEP
+    out = DRAWN_BOX(exact.hparams, exact.inner_batch, exact.outer_batch, exact.lower, exact.upper)
+    np.testing.assert_allclose(out.grad, EXACT_HYPERGRAD(exact, exact.hparams), rtol=1e-6, atol=1e-10)
 
 
 def test_stationarity_with_a_prox_method_reports_the_stationarity_residual():
@@ -634,3 +697,5 @@ def test_concrete_jax_scalars_are_accepted_as_settings():
     assert isinstance(method.stepsize, float) and method.steps == 3000
     out = bl.hypergrad(LASSO, bl.implicit(method, bl.cg(tol=1e-12)))(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     np.testing.assert_allclose(out.grad, LASSO_GRAD, rtol=1e-8)
+
+
