@@ -530,14 +530,18 @@ class ProxFixedPoint(AbstractCondition):
             )
         _check_number(self.stepsize, "stepsize", "prox_fixed_point(prox, stepsize)", positive=True)
 
-    def residual(self, problem, params, hparams, batch):
+    def _step(self, problem, params, hparams, batch):
+        """prox(w − η∇f(w)): the proximal-gradient map at w."""
         eta = self.stepsize
         g = inner_grad(problem)(params, hparams, batch)
         v = _tmap(lambda w, gi: w - eta * gi, params, g)
         out = self.prox(v, hparams, eta)
         _check_layout(out, v, "The prox or projection",
                       "Return prox(v) in the layout of v (check broadcasting of the penalty).")
-        return _tmap(jnp.subtract, params, out)
+        return out
+
+    def residual(self, problem, params, hparams, batch):
+        return _tmap(jnp.subtract, params, self._step(problem, params, hparams, batch))
 
     def residual_norm(self, problem, params, hparams, batch):
         return tree_norm(self.residual(problem, params, hparams, batch)) / self.stepsize
@@ -546,8 +550,9 @@ class ProxFixedPoint(AbstractCondition):
         return self.prox.flat and _has_support(self.prox)
 
     def support(self, problem, params, hparams, batch):
-        del problem, batch
-        return self.prox.support(params, hparams)
+        # Read off the map's output rather than w itself: a solution from another solver with
+        # tiny nonzeros where the prox gives exact zeros still gets the prox's support.
+        return self.prox.support(self._step(problem, params, hparams, batch), hparams)
 
 
 def _has_support(p: AbstractProx) -> bool:

@@ -129,6 +129,17 @@ def test_stationarity_of_the_penalised_loss_is_not_the_lasso_hypergradient():
     assert float(wrong.stats["inner_grad_norm"]) > 1e-3   # and stationarity is visibly violated
 
 
+def test_a_solution_from_another_solver_with_tiny_nonzeros_keeps_the_support():
+    # e.g. a coordinate-descent or interior-point Lasso solver that leaves 1e-13 where the
+    # prox gives exact zeros: the support is read off the prox, so CG's system stays symmetric.
+    noisy = jnp.asarray(np.where(SUPPORT, W_STAR, 1e-13))
+    condition = bl.prox_fixed_point(bl.prox_l1(jnp.exp), stepsize=STEP)
+    method = bl.implicit(bl.solver(lambda h, w0, b: noisy), bl.cg(tol=1e-12), condition=condition)
+    out = bl.hypergrad(LASSO, method)(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
+    assert int(out.stats["support_size"]) == SUPPORT.sum()
+    np.testing.assert_allclose(out.grad, LASSO_GRAD, rtol=1e-8)
+
+
 def test_lasso_unrolled_fista_converges_to_the_implicit_hypergradient():
     # Autodiff through the prox-gradient steps is an independent derivative of the same map.
     out = bl.hypergrad(LASSO, _fista(steps=3000))(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
