@@ -6,7 +6,7 @@
   `bilevel.testing` and prints each hypergradient beside the closed-form value, with its
   error and time: the quick "does my install compute the right numbers" command.
 - `bilevel bench` runs the microbenchmark suite: each method against hand-written JAX and
-  jaxopt, memory, compile time, vmapped populations and sharding.
+  jaxopt, memory, compile time, vmapped populations, sharding and Lasso hypergradients.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-_BENCH_SECTIONS = ("ratios", "memory", "compile", "vmap", "sharding")
+_BENCH_SECTIONS = ("ratios", "memory", "compile", "vmap", "sharding", "lasso")
 METHOD_NAMES = ("unroll", "truncate", "implicit-cg", "implicit-neumann", "identity", "forward_mode")
 
 
@@ -112,9 +112,10 @@ def bench(args) -> int:
     Every comparison runs side by side in one process (compiled ahead of time, warmed up,
     interleaved rounds, median): each method against hand-written JAX for the same
     mathematics and against jaxopt, memory and compile time against the number of steps,
-    vmapped populations against a Python loop, and a population sharded across forced host
-    devices. `--quick` runs tiny sizes (a smoke test); the full suite takes about 6 minutes
-    on 2 CPU cores.
+    vmapped populations against a Python loop, a population sharded across forced host
+    devices, and Lasso hypergradients (support-restricted implicit differentiation against a
+    hand-written closed form and jaxopt). `--quick` runs tiny sizes (a smoke test); the full
+    suite takes about 6 minutes on 2 CPU cores.
     """
     from bilevel import _bench
 
@@ -263,9 +264,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--problems", nargs="+", choices=["ridge", "digits"], default=["ridge", "digits"],
                    help="problems for the ratio tables (default both)")
     p.add_argument("--dtypes", nargs="+", choices=["float32", "float64"], default=["float32", "float64"],
-                   help="floating dtypes for the ratio tables (default both)")
-    p.add_argument("--repeats", type=int, default=21, help="interleaved timing rounds (default 21)")
-    p.add_argument("--cg-iters", type=int, default=20, help="CG iterations of the implicit rows (default 20)")
+                   help="floating dtypes for the ratio and lasso tables (default both)")
+    p.add_argument("--repeats", type=int, default=21,
+                   help="interleaved timing rounds (default 21; the lasso section runs at most 11)")
+    p.add_argument("--cg-iters", type=int, default=20,
+                   help="CG iterations of the implicit rows and the lasso linear solves (default 20)")
     p.add_argument("--devices", type=int, default=8, help="forced host devices for the sharding section (default 8)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in about a minute")
     p.add_argument("--out", default="bilevel-bench", help="output directory (default ./bilevel-bench)")

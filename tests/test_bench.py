@@ -129,3 +129,88 @@ def test_same_mathematics_compiles_to_the_same_matrix_products(ridge_ratios):
     assert dots["implicit(cg(8))"] == dots["jaxopt custom_root (cg 8)"]
     assert dots["implicit(cg(8)), full result"] == dots["implicit(cg(8))"] + 4
     assert dots["best_response(linear)"] == dots["hand-written best response"]
+
+
+# ---------------------------------------------------------------- lasso
+
+LASSO_ROWS = (
+    "hand-written: FISTA scan + masked CG(20) on X_SᵀX_S/n",
+    "implicit(proximal_gradient, cg(20))",
+    "implicit(proximal_gradient, gmres(restart=20, maxiter=1))",
+    "implicit(proximal_gradient, normal_cg(20))",
+    "unroll: grad through the FISTA steps",
+    "jaxopt custom_fixed_point, default solve (normal CG, tol 1e-5)",
+    "jaxopt custom_fixed_point, solve_normal_cg(20)",
+)
+
+
+@pytest.fixture(scope="module")
+def lasso64():
+    """A tiny float64 Lasso whose support (7 of 12) is a proper subset; 300 FISTA steps converge."""
+    return _bench.lasso_case(jnp.float64, n=60, d=12, steps=300, lam_fraction=0.3)
+
+
+@pytest.fixture(scope="module")
+def lasso_run(lasso64):
+    return _bench.lasso(lasso64, cg_iters=20, repeats=1)
+
+
+def test_lasso_closed_form_is_the_derivative_of_the_validation_loss(lasso64, lasso_run):
+    """The reference itself is right: central differences of the validation loss at FISTA's
+    solution for λ ± h (the support does not change in between)."""
+    solve = jax.jit(lambda h: _bench.hand_fista(lasso64, h, lasso64.params0))
+    loss = lambda h: float(_bench._half_mse(solve(h), h, lasso64.val))  # noqa: E731
+    h = 1e-5
+    fd = (loss(lasso64.log_lam + h) - loss(lasso64.log_lam - h)) / (2 * h)
+    assert 0 < lasso_run["support_size"] < 12
+    assert lasso_run["closed_form_grad"] == pytest.approx(fd, rel=1e-6)
+
+
+def test_every_lasso_method_agrees_with_the_closed_form(lasso_run):
+    """Every row computes dL_V/dλ of the same Lasso: the implicit rows and the hand-written CG
+    to rounding (20 iterations ≥ the 7 support coordinates, so CG is exact); unrolling up to
+    FISTA's remaining error; jaxopt's default solve up to its tolerance of 1e-5."""
+    rows = lasso_run["rows"]
+    assert tuple(rows) == LASSO_ROWS
+    loose = {"unroll: grad through the FISTA steps": 1e-5,
+             "jaxopt custom_fixed_point, default solve (normal CG, tol 1e-5)": 1e-5}
+    for name, row in rows.items():
+        assert row["closed_form_rel_diff"] <= loose.get(name, 1e-12), name
+        assert row["grad"] == pytest.approx(lasso_run["closed_form_grad"], rel=loose.get(name, 1e-12))
+    values = [row["value"] for row in rows.values()]
+    assert max(values) - min(values) <= 1e-12 * abs(values[0])
+
+
+def test_lasso_rows_are_timed_and_compared_to_the_hand_written_baseline(lasso_run):
+    rows, base = lasso_run["rows"], lasso_run["rows"][lasso_run["baseline"]]
+    assert lasso_run["baseline"] == LASSO_ROWS[0] and base["ratio"] == 1.0
+    for row in rows.values():
+        assert row["ratio"] == pytest.approx(row["median_s"] / base["median_s"])
+        assert row["compile_s"] > 0 and row["dots"] > 0 and row["q25_s"] <= row["median_s"] <= row["q75_s"]
+    assert (lasso_run["dtype"], lasso_run["n"], lasso_run["d"], lasso_run["steps"]) == ("float64", 60, 12, 300)
+
+
+def test_lasso_support_is_the_one_bilevel_restricts_to(lasso64, lasso_run):
+    fista = bl.proximal_gradient(bl.prox_l1(jnp.exp), lasso64.stepsize, lasso64.steps)
+    out = jax.jit(bl.hypergrad(_bench.lasso_problem(), bl.implicit(fista, bl.cg(20, 0.0))))(
+        lasso64.log_lam, lasso64.params0, lasso64.train, lasso64.val)
+    assert int(out.stats["support_size"]) == lasso_run["support_size"]
+    assert int(jnp.sum(out.params != 0)) == lasso_run["support_size"]
+
+
+def test_suite_runs_the_lasso_section_per_dtype_and_reports_it(monkeypatch, lasso_run):
+    """`bilevel bench --sections lasso` parses, and run_suite builds one case per dtype (float32 at
+    the larger size) and writes its table; the measurement is stubbed with the tiny run."""
+    from bilevel.__main__ import _BENCH_SECTIONS, _parser
+
+    assert _parser().parse_args(["bench", "--sections", "lasso"]).sections == ["lasso"]
+    assert _BENCH_SECTIONS == _bench.SECTIONS
+    seen = []
+    monkeypatch.setattr(_bench, "lasso", lambda case, **kw: seen.append((case, kw)) or lasso_run)
+    result = _bench.run_suite(sections=("lasso",), dtypes=("float32", "float64"), repeats=5, cg_iters=20)
+    assert [(c.params0.dtype, c.train[0].shape, c.steps) for c, _ in seen] == [
+        (jnp.float32, (2000, 500), 200), (jnp.float64, (500, 125), 200)]
+    assert all(kw == {"cg_iters": 20, "repeats": 5} for _, kw in seen)
+    text = _bench.markdown(result)
+    assert "## Lasso hypergradients" in text and all(f"| {name} |" in text for name in LASSO_ROWS)
+    assert "Support: 7 of 12 coordinates" in text
