@@ -50,14 +50,11 @@ from ._check import (
     Comparison as Comparison,
     hypergrad_error as hypergrad_error,
 )
-from ._problems import (
-    AbstractExactProblem as AbstractExactProblem,
-    AffineResponse as AffineResponse,
-    Quadratic004 as Quadratic004,
-    Ridge as Ridge,
-    RidgePerCoordinate as RidgePerCoordinate,
-    UnrolledQuadratic as UnrolledQuadratic,
-)
+from ._affine import AffineResponse as AffineResponse
+from ._exact import AbstractExactProblem as AbstractExactProblem
+from ._quadratic004 import Quadratic004 as Quadratic004
+from ._ridge import Ridge as Ridge, RidgePerCoordinate as RidgePerCoordinate
+from ._unrolled import UnrolledQuadratic as UnrolledQuadratic
 from ._common import AbstractConditionProblem as AbstractConditionProblem
 from ._constrained import (
     BoxQP as BoxQP,

@@ -13,7 +13,8 @@ from .._forward import ForwardMode
 from .._implicit import Implicit
 from .._linear_solvers import Identity
 from .._unroll import Truncate, Unroll
-from ._problems import AbstractExactProblem, UnrolledQuadratic
+from ._exact import AbstractExactProblem
+from ._unrolled import UnrolledQuadratic
 
 _TARGETS = ("auto", "ift", "unrolled", "identity")
 

@@ -25,18 +25,6 @@ import numpy as np
 from .._problem import Problem
 from ._common import (
     AbstractConditionProblem,
-    check_spd,
-    design,
-    fraction_size,
-    host,
-    masked_solve,
-    max_abs,
-    nan_unless,
-    spd,
-    targets_with_moment,
-    tolerance,
-)
-from ._problems import (
     _cast_hparams,
     _check_regression,
     _check_shapes,
@@ -45,7 +33,17 @@ from ._problems import (
     _rng,
     check_int,
     check_real,
+    check_spd,
+    design,
+    fraction_size,
+    host,
+    masked_solve,
+    max_abs,
+    nan_unless,
     resolve_dtype,
+    spd,
+    targets_with_moment,
+    tolerance,
 )
 
 Array = jax.Array

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._problem import Problem
-from ._common import AbstractConditionProblem, host
-from ._problems import (
+from ._common import (
+    AbstractConditionProblem,
     _cast_hparams,
     _check_shapes,
     _floats,
@@ -16,6 +16,7 @@ from ._problems import (
     _rng,
     check_int,
     check_real,
+    host,
     resolve_dtype,
 )
 

@@ -22,16 +22,6 @@ import numpy as np
 from .._problem import Problem
 from ._common import (
     AbstractConditionProblem,
-    design,
-    fraction_size,
-    host,
-    masked_solve,
-    max_abs,
-    nan_unless,
-    targets_with_moment,
-    tolerance,
-)
-from ._problems import (
     _cast_hparams,
     _check_regression,
     _check_shapes,
@@ -39,7 +29,15 @@ from ._problems import (
     _regression_sizes,
     _rng,
     check_int,
+    design,
+    fraction_size,
+    host,
+    masked_solve,
+    max_abs,
+    nan_unless,
     resolve_dtype,
+    targets_with_moment,
+    tolerance,
 )
 
 Array = jax.Array

@@ -29,19 +29,13 @@ import dataclasses
 import numpy as np
 from hypothesis import strategies as st
 
+from ._affine import AffineResponse
+from ._common import check_int, check_range, check_real, resolve_dtype
 from ._constrained import BoxQP
-from ._problems import (
-    AffineResponse,
-    Quadratic004,
-    Ridge,
-    RidgePerCoordinate,
-    UnrolledQuadratic,
-    check_int,
-    check_range,
-    check_real,
-    resolve_dtype,
-)
+from ._quadratic004 import Quadratic004
+from ._ridge import Ridge, RidgePerCoordinate
 from ._sparse import ElasticNet, Lasso
+from ._unrolled import UnrolledQuadratic
 
 _SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 
