@@ -1,5 +1,19 @@
-"""Property tests (hypothesis, float64) of every method against bilevel.testing's exact values."""
+"""Property tests (hypothesis, float64) of every method against bilevel.testing's exact values.
 
+The time of these tests is compilation. Called eagerly, a method compiles each of its loops
+anew on every call (their bodies are new closures), and every eager operation compiles once
+per shape, so an example used to cost tens of compilations. Here the method calls of one
+example run in one `eqx.filter_jit` program that takes the exact problem (its arrays) as
+arguments and builds the method inside it, with the step size 1/L computed inside (traced),
+not baked in as a Python float: one compilation per example, reused by later examples with
+the same shapes and static settings. The exact values they are compared with come from the
+closed forms of `bilevel.testing` (and autodiff of the losses) in a separate compiled
+program per problem type and shape (`_closed_forms`, `_loss_derivatives`), never from a
+method; the comparisons themselves are NumPy. Methods, references and tolerances are the
+same as before.
+"""
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +35,33 @@ def _call(exact, method, hparams=None):
     return bl.hypergrad(exact.problem, method)(hparams, exact.params0, exact.inner_batch, exact.outer_batch)
 
 
+@eqx.filter_jit
+def _closed_forms(exact):
+    """The exact values at `exact.hparams`, from bilevel.testing's closed forms (no method)."""
+    h = exact.hparams
+    values = {"hypergrad": exact.hypergrad(h), "identity_hypergrad": exact.identity_hypergrad(h),
+              "response": exact.response(h), "hessian_eigenvalues": jnp.linalg.eigvalsh(exact.hessian(h))}
+    if isinstance(exact, blt.UnrolledQuadratic):
+        values.update(unrolled_hypergrad=exact.unrolled_hypergrad(h),
+                      unrolled_response=exact.unrolled_response(h), unrolled_value=exact.unrolled_value(h))
+    return values
+
+
+def _exact_values(exact):
+    return {k: np.asarray(v) for k, v in _closed_forms(exact).items()}
+
+
+@eqx.filter_jit
+def _loss_derivatives(exact, w):
+    """∂L_V/∂w and ∂²L_T/∂λ∂w at `w`, by autodiff of the problem's losses."""
+    gv = jax.grad(exact.problem.outer)(w, exact.hparams, exact.outer_batch)
+    cross = jax.jacfwd(jax.grad(exact.problem.inner), argnums=1)(w, exact.hparams, exact.inner_batch)
+    return gv, cross
+
+
 def _lipschitz(exact):
-    return float(jnp.linalg.eigvalsh(exact.hessian(exact.hparams)).max())
+    """The largest eigenvalue of the inner Hessian (traced inside the compiled programs)."""
+    return jnp.linalg.eigvalsh(exact.hessian(exact.hparams)).max()
 
 
 def _forward(exact, steps=800):
@@ -36,73 +75,97 @@ def _rel(a, b, floor=1e-6):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), floor)
 
 
+@eqx.filter_jit
+def _unrolled(exact):
+    return _call(exact, bl.unroll(optax.sgd(exact.lr), steps=exact.steps))
+
+
 @given(bst.unrolled_quadratic_problems(max_steps=40))
 def test_unroll_equals_exact_unrolled_hypergradient(exact):
-    method = bl.unroll(optax.sgd(float(exact.lr)), steps=exact.steps)
-    out = _call(exact, method)
-    assert _rel(out.grad, exact.unrolled_hypergrad(exact.hparams)) < 1e-9
-    assert _rel(out.params, exact.unrolled_response(exact.hparams)) < 1e-10
-    assert _rel(out.value, exact.unrolled_value(exact.hparams)) < 1e-10
+    out = _unrolled(exact)   # bl.unroll(optax.sgd(exact.lr), steps=exact.steps)
+    ref = _exact_values(exact)
+    assert _rel(out.grad, ref["unrolled_hypergrad"]) < 1e-9
+    assert _rel(out.params, ref["unrolled_response"]) < 1e-10
+    assert _rel(out.value, ref["unrolled_value"]) < 1e-10
+
+
+@eqx.filter_jit
+def _plain_checkpoint_truncate(exact, k):
+    sgd = optax.sgd(exact.lr)
+    return (_call(exact, bl.unroll(sgd, exact.steps)),
+            _call(exact, bl.unroll(sgd, exact.steps, checkpoint=k)),
+            _call(exact, bl.truncate(bl.unroll(sgd, exact.steps), last=exact.steps)))
 
 
 @given(bst.unrolled_quadratic_problems(max_steps=40), st.integers(1, 40))
 def test_checkpoint_and_full_truncate_equal_unroll(exact, k):
-    lr = float(exact.lr)
-    plain = _call(exact, bl.unroll(optax.sgd(lr), exact.steps))
-    ckpt = _call(exact, bl.unroll(optax.sgd(lr), exact.steps, checkpoint=min(k, exact.steps)))
-    trunc = _call(exact, bl.truncate(bl.unroll(optax.sgd(lr), exact.steps), last=exact.steps))
+    plain, ckpt, trunc = _plain_checkpoint_truncate(exact, min(k, exact.steps))
     np.testing.assert_allclose(ckpt.grad, plain.grad, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(trunc.grad, plain.grad, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(ckpt.value, plain.value, rtol=1e-13)
 
 
+_SOLVERS = {"exact": bl.exact, "cg": lambda: bl.cg(maxiter=100, tol=1e-13), "identity": bl.identity}
+
+
+@eqx.filter_jit
+def _implicit(exact, solver_name):
+    return _call(exact, bl.implicit(_forward(exact), _SOLVERS[solver_name]()))
+
+
 @given(ANY_IFT, st.sampled_from(["exact", "cg"]))
 def test_implicit_equals_exact_ift(exact, name):
-    solver = bl.exact() if name == "exact" else bl.cg(maxiter=100, tol=1e-13)
-    out = _call(exact, bl.implicit(_forward(exact), solver))
-    assert _rel(out.grad, exact.hypergrad(exact.hparams)) < 1e-8
-    assert out.stats["solve_residual"] < 1e-10
+    out = _implicit(exact, name)   # implicit(_forward(exact), exact() or cg(maxiter=100, tol=1e-13))
+    assert _rel(out.grad, _exact_values(exact)["hypergrad"]) < 1e-8
+    assert float(out.stats["solve_residual"]) < 1e-10
 
 
 @given(ANY_IFT)
 def test_identity_equals_one_step_formula(exact):
-    out = _call(exact, bl.implicit(_forward(exact), bl.identity()))
-    assert _rel(out.grad, exact.identity_hypergrad(exact.hparams)) < 1e-9
+    out = _implicit(exact, "identity")
+    assert _rel(out.grad, _exact_values(exact)["identity_hypergrad"]) < 1e-9
+
+
+@eqx.filter_jit
+def _at_the_solution(exact, linear_solvers):
+    """`implicit(solver(exact.response), s)` for each linear solver `s` (their settings are
+    Python numbers: static)."""
+    solve = bl.solver(lambda h, w0, b: exact.response(h))
+    return tuple(_call(exact, bl.implicit(solve, s)) for s in linear_solvers)
 
 
 @given(bst.quadratic004_problems(max_dim=8), st.integers(0, 30), st.floats(0.2, 1.0))
 def test_neumann_error_is_the_exact_remainder(exact, k, frac):
     """On the diagonal quadratic the Neumann error is Σ_i c_i v_i (1 − α a_i)^(k+1) / a_i."""
-    lam = exact.hparams
-    a = (1 + lam) * exact.h  # the diagonal inner Hessian
+    lam = float(exact.hparams)
+    h = np.asarray(exact.h)
+    a = (1 + lam) * h  # the diagonal inner Hessian
     alpha = frac / float(a.max())
-    out = _call(exact, bl.implicit(bl.solver(lambda h, w0, b: exact.response(h)), bl.neumann(k, alpha)))
-    theta = exact.response(lam)
-    cross = exact.h * theta  # ∂(∇_θ L_T)/∂λ
-    gv = exact.h * (theta - exact.theta_tilde)
-    remainder = jnp.sum(cross * gv * (1 - alpha * a) ** (k + 1) / a)
-    scale = float(jnp.sum(jnp.abs(cross * gv / a)))
-    np.testing.assert_allclose(out.grad - exact.hypergrad(lam), remainder, rtol=1e-8, atol=1e-12 * scale)
-    rho = float(jnp.max(jnp.abs(1 - alpha * a)))
-    assert abs(float(out.grad - exact.hypergrad(lam))) <= rho ** (k + 1) * scale * (1 + 1e-9)
+    (out,) = _at_the_solution(exact, (bl.neumann(k, alpha),))
+    ref = _exact_values(exact)
+    theta = ref["response"]
+    cross = h * theta  # ∂(∇_θ L_T)/∂λ
+    gv = h * (theta - np.asarray(exact.theta_tilde))
+    remainder = np.sum(cross * gv * (1 - alpha * a) ** (k + 1) / a)
+    scale = float(np.sum(np.abs(cross * gv / a)))
+    error = float(out.grad) - float(ref["hypergrad"])
+    np.testing.assert_allclose(error, remainder, rtol=1e-8, atol=1e-12 * scale)
+    rho = float(np.max(np.abs(1 - alpha * a)))
+    assert abs(error) <= rho ** (k + 1) * scale * (1 + 1e-9)
     assert not bool(out.stats["neumann_diverged"])
 
 
 @given(REGRESSION, st.integers(0, 40))
 def test_neumann_error_within_rho_bound(exact, k):
     """|error| ≤ ‖∂²L_T/∂λ∂w‖ ‖H⁻¹‖ ρ^(k+1) ‖∂L_V/∂w‖ with ρ = ‖I − αH‖, α = 1/L."""
-    H = exact.hessian(exact.hparams)
-    eig = jnp.linalg.eigvalsh(H)
+    ref = _exact_values(exact)
+    eig = ref["hessian_eigenvalues"]
     alpha = 1.0 / float(eig.max())
     rho = float(1 - alpha * eig.min())
-    solve = bl.solver(lambda h, w0, b: exact.response(h))
-    out = _call(exact, bl.implicit(solve, bl.neumann(k, alpha)))
-    ref = _call(exact, bl.implicit(solve, bl.exact()))
-    w = ref.params
-    gv = jax.grad(exact.problem.outer)(w, exact.hparams, exact.outer_batch)
-    cross = jax.jacfwd(jax.grad(exact.problem.inner), argnums=1)(w, exact.hparams, exact.inner_batch)
+    out, at_solution = _at_the_solution(exact, (bl.neumann(k, alpha), bl.exact()))
+    gv, cross = _loss_derivatives(exact, at_solution.params)
     bound = np.linalg.norm(cross) / float(eig.min()) * rho ** (k + 1) * np.linalg.norm(gv)
-    err = np.linalg.norm(np.asarray(out.grad) - np.asarray(exact.hypergrad(exact.hparams)))
+    err = np.linalg.norm(np.asarray(out.grad) - ref["hypergrad"])
     assert err <= bound * (1 + 1e-8) + 1e-13
 
 
@@ -120,39 +183,62 @@ METHOD_FACTORIES = {
 }
 
 
-@given(bst.ridge_per_coordinate_problems(), st.sampled_from(sorted(METHOD_FACTORIES)), st.integers(0, 2**31 - 1))
-def test_grad_dot_v_equals_jvp(exact, name, seed):
+@eqx.filter_jit
+def _jvp_and_hypergrad(exact, name, v):
+    """The jvp of λ ↦ outer(response(λ), λ) along v, and the hypergradient, of one method."""
     method = METHOD_FACTORIES[name](_forward(exact, steps=300))
-    v = jnp.asarray(np.random.default_rng(seed).normal(size=exact.hparams.shape))
     respond = bl.response(exact.problem, method)
 
     def f(h):
         return exact.problem.outer(respond(h, exact.params0, exact.inner_batch), h, exact.outer_batch)
 
     _, jv = jax.jvp(f, (exact.hparams,), (v,))
-    out = _call(exact, method)
-    np.testing.assert_allclose(jv, jnp.vdot(out.grad, v), rtol=1e-9, atol=1e-14 * float(jnp.linalg.norm(out.grad)))
+    return jv, _call(exact, method)
+
+
+@given(bst.ridge_per_coordinate_problems(), st.sampled_from(sorted(METHOD_FACTORIES)), st.integers(0, 2**31 - 1))
+def test_grad_dot_v_equals_jvp(exact, name, seed):
+    v = np.random.default_rng(seed).normal(size=exact.hparams.shape)
+    jv, out = _jvp_and_hypergrad(exact, name, v)
+    grad = np.asarray(out.grad)
+    np.testing.assert_allclose(jv, np.vdot(grad, v), rtol=1e-9, atol=1e-14 * float(np.linalg.norm(grad)))
+
+
+def _hypergrad_at(exact, name, lr, h):
+    method = METHOD_FACTORIES[name](bl.unroll(optax.sgd(lr), steps=300))
+    return bl.hypergrad(exact.problem, method)(h, exact.params0, exact.inner_batch, exact.outer_batch)
+
+
+_hypergrad_single = eqx.filter_jit(_hypergrad_at)
+
+
+@eqx.filter_jit
+def _hypergrad_batched(exact, name, lr, hs):
+    return jax.vmap(_hypergrad_at, in_axes=(None, None, None, 0))(exact, name, lr, hs)
 
 
 @given(bst.ridge_problems(), st.sampled_from(sorted(METHOD_FACTORIES)))
 def test_vmap_equals_stacked_calls(exact, name):
-    method = METHOD_FACTORIES[name](_forward(exact, steps=300))
-    hg = jax.jit(bl.hypergrad(exact.problem, method))   # one compile for the four single calls
-    hs = exact.hparams + jnp.linspace(-0.5, 0.5, 4)
-    batched = jax.vmap(hg, in_axes=(0, None, None, None))(hs, exact.params0, exact.inner_batch, exact.outer_batch)
+    # 1/L, passed to both programs as the same (traced) array
+    lr = np.asarray(1.0 / _exact_values(exact)["hessian_eigenvalues"].max())
+    hs = np.asarray(exact.hparams) + np.linspace(-0.5, 0.5, 4)
+    batched = _hypergrad_batched(exact, name, lr, hs)
+    grads, values = np.asarray(batched.grad), np.asarray(batched.value)
     for i, h in enumerate(hs):
-        single = hg(h, exact.params0, exact.inner_batch, exact.outer_batch)
-        np.testing.assert_allclose(batched.grad[i], single.grad, rtol=1e-10, atol=1e-15)
-        np.testing.assert_allclose(batched.value[i], single.value, rtol=1e-12)
+        single = _hypergrad_single(exact, name, lr, np.asarray(h))   # one compile for the four single calls
+        np.testing.assert_allclose(grads[i], single.grad, rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(values[i], single.value, rtol=1e-12)
 
 
 @given(ANY_IFT)
 def test_assert_hypergrad_close_helper(exact):
     """The public checker accepts a correct method and rejects a wrong one."""
-    good = bl.implicit(_forward(exact), bl.exact())
+    ref = _exact_values(exact)
+    forward = bl.unroll(optax.sgd(1.0 / float(ref["hessian_eigenvalues"].max())), steps=800)   # _forward
+    good = bl.implicit(forward, bl.exact())
     blt.assert_hypergrad_close(good, exact, rtol=1e-8)
-    one_step = bl.implicit(_forward(exact), bl.identity())
-    if _rel(exact.identity_hypergrad(exact.hparams), exact.hypergrad(exact.hparams)) > 1e-3:
+    one_step = bl.implicit(forward, bl.identity())
+    if _rel(ref["identity_hypergrad"], ref["hypergrad"]) > 1e-3:
         with pytest.raises(AssertionError, match="relative error"):
             blt.assert_hypergrad_close(one_step, exact, rtol=1e-6, target="ift")
 
