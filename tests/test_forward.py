@@ -1,5 +1,12 @@
-"""forward_mode: exact against closed forms and unroll; the clipped recursion against numpy."""
+"""forward_mode: exact against closed forms and unroll; the clipped recursion against numpy.
 
+Most of the time here is compilation, so the hypothesis properties run each example's method
+in one `eqx.filter_jit` program that takes the drawn problem (its arrays) and the step size as
+arguments, and the closed forms they are compared with in another, instead of compiling each
+loop and operation eagerly; the other tests jit what they used to run eagerly.
+"""
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,12 +33,23 @@ def _rel(a, b, floor=1e-6):
 # ---- clip=None is exactly unroll's derivative -------------------------------------------------
 
 
+@eqx.filter_jit
+def _forward_mode_of_unroll(exact):
+    return _call(exact, bl.forward_mode(bl.unroll(optax.sgd(exact.lr), steps=exact.steps)))
+
+
+@eqx.filter_jit
+def _unrolled_closed_forms(exact):
+    """bilevel.testing's closed forms of the T-step iterate and its hypergradient."""
+    return exact.unrolled_hypergrad(exact.hparams), exact.unrolled_response(exact.hparams)
+
+
 @given(bst.unrolled_quadratic_problems(max_steps=40))
 def test_forward_mode_equals_exact_unrolled_hypergradient(exact):
-    method = bl.forward_mode(bl.unroll(optax.sgd(float(exact.lr)), steps=exact.steps))
-    out = _call(exact, method)
-    assert _rel(out.grad, exact.unrolled_hypergrad(exact.hparams)) < 1e-9
-    assert _rel(out.params, exact.unrolled_response(exact.hparams)) < 1e-10
+    out = _forward_mode_of_unroll(exact)   # forward_mode(unroll(optax.sgd(exact.lr), exact.steps))
+    grad, params = _unrolled_closed_forms(exact)
+    assert _rel(out.grad, grad) < 1e-9
+    assert _rel(out.params, params) < 1e-10
     assert float(out.stats["clip_fraction"]) == 0.0
 
 
@@ -87,8 +105,8 @@ def test_forward_mode_per_step_data_equals_unroll():
     ys = jnp.asarray(rng.normal(size=(steps, 10)))
     data = bl.per_step((xs, ys))
     unroll = bl.unroll(optax.sgd(0.2, momentum=0.5), steps)
-    want = bl.hypergrad(PROBLEM, unroll)(HP, jnp.zeros(4), data, VAL)
-    got = bl.hypergrad(PROBLEM, bl.forward_mode(unroll))(HP, jnp.zeros(4), data, VAL)
+    want = jax.jit(bl.hypergrad(PROBLEM, unroll))(HP, jnp.zeros(4), data, VAL)
+    got = jax.jit(bl.hypergrad(PROBLEM, bl.forward_mode(unroll)))(HP, jnp.zeros(4), data, VAL)
     assert _rel(got.grad["l2"], want.grad["l2"]) < 1e-9
 
 
@@ -99,13 +117,13 @@ def test_forward_mode_jvp_and_hyper_hessian_equal_unroll():
 
     def tangent(method):
         respond = bl.response(PROBLEM, method)
-        return jax.jvp(lambda h: respond(h, jnp.zeros(4), TRAIN), (HP,), (direction,))[1]
+        return jax.jit(lambda hp: jax.jvp(lambda h: respond(h, jnp.zeros(4), TRAIN), (hp,), (direction,))[1])(HP)
 
     assert _rel(tangent(fwd), tangent(unroll)) < 1e-10
 
     def hessian(method):
         hg = bl.hypergrad(PROBLEM, method)
-        return jax.hessian(lambda h: hg(h, jnp.zeros(4), TRAIN, VAL).value)(HP)["l2"]["l2"]
+        return jax.jit(jax.hessian(lambda h: hg(h, jnp.zeros(4), TRAIN, VAL).value))(HP)["l2"]["l2"]
 
     assert _rel(hessian(fwd), hessian(unroll)) < 1e-9
 
@@ -129,6 +147,12 @@ def _numpy_clipped(exact, lam, lr, steps, radius):
     return g_v @ y, clipped / steps, np.linalg.norm(y)
 
 
+@eqx.filter_jit
+def _clipped_forward_mode(exact, lr, steps, radius):
+    """forward_mode(unroll(optax.sgd(lr), steps), clip=radius); lr traced, steps and radius static."""
+    return _call(exact, bl.forward_mode(bl.unroll(optax.sgd(lr), steps), clip=radius))
+
+
 @given(
     bst.quadratic004_problems(max_dim=6),
     st.floats(0.05, 4.0),
@@ -136,9 +160,8 @@ def _numpy_clipped(exact, lam, lr, steps, radius):
     st.floats(0.02, 0.3),
 )
 def test_clipped_recursion_matches_numpy(exact, radius, steps, lr_frac):
-    lr = lr_frac / float(jnp.max(exact.h) * (1 + exact.hparams))
-    method = bl.forward_mode(bl.unroll(optax.sgd(lr), steps), clip=radius)
-    out = _call(exact, method)
+    lr = lr_frac / float(np.max(np.asarray(exact.h)) * (1 + float(exact.hparams)))
+    out = _clipped_forward_mode(exact, np.asarray(lr), steps, radius)
     grad, frac, norm = _numpy_clipped(exact, float(exact.hparams), lr, steps, radius)
     assert abs(float(out.grad) - grad) <= 1e-9 * max(abs(grad), 1e-8)
     assert float(out.stats["clip_fraction"]) == pytest.approx(frac, abs=1e-12)
@@ -149,9 +172,7 @@ def test_clipped_recursion_matches_numpy(exact, radius, steps, lr_frac):
 def test_clipping_shrinks_the_response_derivative_and_is_reported():
     exact = blt.Quadratic004.sample(0, dim=20)
     unroll = bl.unroll(optax.sgd(0.05), steps=400)
-    free = _call(exact, bl.forward_mode(unroll))
-    tight = _call(exact, bl.forward_mode(unroll, clip=1.0))
-    loose = _call(exact, bl.forward_mode(unroll, clip=1e6))
+    free, tight, loose = eqx.filter_jit(lambda e: [_call(e, bl.forward_mode(unroll, clip=c)) for c in (None, 1.0, 1e6)])(exact)
     assert float(free.stats["jacobian_norm"]) > 2.0  # ‖dθ*/dλ‖ is in [3, 5] near λ†
     assert float(tight.stats["jacobian_norm"]) == pytest.approx(1.0, rel=1e-12)
     assert 0.5 < float(tight.stats["clip_fraction"]) <= 1.0
