@@ -1,12 +1,30 @@
-"""The reproduction scripts in benchmarks/ run (at a tiny size) and write what they promise."""
+"""The reproduction scripts in benchmarks/ run (at a tiny size) and write what they promise.
+
+At these sizes nearly all of the time is XLA compiling the scripts' programs, most of it in
+LLVM's backend optimisation, so the scripts run with `jax_disable_most_optimizations` (as
+tests/test_docs_pages.py runs the documentation pages): the same programs, compiled with
+fewer backend optimisations, which roughly halves the time.
+"""
 
 import importlib.util
 import json
 import pathlib
 
+import jax
 import numpy as np
+import pytest
 
 BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def quick_compilation():
+    """Compile with few optimisations while a script runs; restore the setting after."""
+    name = "jax_disable_most_optimizations"
+    previous = jax.config.read(name)
+    jax.config.update(name, True)
+    yield
+    jax.config.update(name, previous)
 
 
 def _load(name):
@@ -16,7 +34,7 @@ def _load(name):
     return module
 
 
-def test_seed004_table1_runs_and_writes_json_and_markdown(tmp_path):
+def test_seed004_table1_runs_and_writes_json_and_markdown(tmp_path, quick_compilation):
     script = _load("seed004_table1")
     script.main(["--problems", "3", "--steps", "3000", "--eta", "1e-2", "1e-3", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "seed004_table1.json").read_text())
@@ -30,7 +48,7 @@ def test_seed004_table1_runs_and_writes_json_and_markdown(tmp_path):
     assert np.isfinite(result["first_order_fixed_point_err"]) and result["first_order_fixed_point_err"] > 1e-3
 
 
-def test_hypernet_figures_run_and_write_figures_table_and_json(tmp_path):
+def test_hypernet_figures_run_and_write_figures_table_and_json(tmp_path, quick_compilation):
     """Tiny run of all three figures on digits; the curves must be the hypernets' real fits."""
     script = _load("hypernet_figures")
     result = script.main(["--grid", "5", "--cv-steps", "200", "--hypernet-steps", "300", "--width", "16",
