@@ -1,9 +1,15 @@
-"""benchmarks/lasso_diabetes.py runs (--quick) and its numbers say what docs/guide/nonsmooth.md says."""
+"""benchmarks/lasso_diabetes.py runs (--quick) and its numbers say what docs/guide/nonsmooth.md says.
+
+The --quick run is compile-bound (mostly LLVM's backend optimisation), so it runs with
+`jax_disable_most_optimizations`, as tests/test_docs_pages.py runs the documentation pages:
+the same programs with fewer backend optimisations, about half the compile time.
+"""
 
 import importlib.util
 import json
 import pathlib
 
+import jax
 import pytest
 
 pytest.importorskip("sklearn")
@@ -22,7 +28,13 @@ def _load():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("lasso_diabetes")
-    return _load().main(["--quick", "--out", str(out)]), out
+    name = "jax_disable_most_optimizations"
+    previous = jax.config.read(name)
+    jax.config.update(name, True)
+    try:
+        return _load().main(["--quick", "--out", str(out)]), out
+    finally:
+        jax.config.update(name, previous)
 
 
 def test_writes_figure_table_and_json(quick):
