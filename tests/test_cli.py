@@ -1,6 +1,18 @@
-"""The command line: every subcommand runs, writes what it says, and fails clearly on bad input."""
+"""The command line: every subcommand runs, writes what it says, and fails clearly on bad input.
+
+Each command runs as `python -m bilevel ...` in a fresh interpreter. Two things keep the time
+down. The runs that do work compile with `JAX_DISABLE_MOST_OPTIMIZATIONS=1` (they are
+compile-bound, as the documentation pages tests/test_docs_pages.py runs that way are). The
+calls that only print help or reject their arguments (about 25, each ~2 s of interpreter and
+JAX start-up for a few milliseconds of work) run together in one interpreter
+(`quick_calls`): each is `runpy.run_module("bilevel", run_name="__main__")`, which is what
+`python -m bilevel` does, with its own `sys.argv`, stdout and stderr, its exit status taken
+from `SystemExit` and any other exception printed as the interpreter would (a traceback, status
+1). Every case keeps its own assertions.
+"""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +23,87 @@ import bilevel as bl
 
 
 def cli(*args, timeout=600):
+    env = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
     return subprocess.run([sys.executable, "-m", "bilevel", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
+
+
+_RUN_EACH = r"""
+import contextlib, io, json, runpy, sys, traceback
+
+results = []
+for argv in json.loads(sys.stdin.read()):
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    sys.argv = ["bilevel", *argv]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("bilevel", run_name="__main__", alter_sys=True)   # python -m bilevel
+        except SystemExit as exit_:
+            if exit_.code is None or isinstance(exit_.code, int):
+                status = exit_.code or 0
+            else:
+                print(exit_.code, file=sys.stderr)
+                status = 1
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+    results.append({"returncode": status, "stdout": out.getvalue(), "stderr": err.getvalue()})
+json.dump(results, sys.__stdout__)
+"""
+
+# Calls that only print help or are refused before any work: run together by `quick_calls`.
+HELP_COMMANDS = ["check", "demo", "bench", None]
+DEMO_BAD_INPUT = [
+    (("--data", "cifar"), "invalid choice: 'cifar'"),
+    (("--data", "mnist"), "needs --data-path"),
+    (("--data", "mnist", "--data-path", "/nonexistent/mnist.npz"), "/nonexistent/mnist.npz"),
+    (("--data-path", "x.npz"), "only for --data mnist"),
+    (("--num-train", 100), "--num-train is only for --data mnist"),
+    (("--num-val", 100), "--num-val is only for --data mnist"),
+    (("--data", "mnist", "--data-path", "x.npz", "--num-train", 0), "--num-train must be >= 1"),
+    (("--methods", "unroll", "magic"), "unknown method"),
+    (("--outer-steps", 0), "--outer-steps must be >= 1"),
+    (("--lr", 0, "--methods", "unroll"), "--lr must be a positive finite number"),
+    (("--lr", -1), "--lr must be a positive finite number"),
+    (("--lr", "nan"), "--lr must be a positive finite number"),
+    (("--outer-lr", 0), "--outer-lr must be a positive finite number"),
+    (("--log-lam0", "inf"), "--log-lam0 must be a finite number"),
+    (("--seed", -1), "--seed must be >= 0"),
+]
+BENCH_BAD_INPUT = [
+    (("--repeats", 0), "--repeats, --cg-iters and --devices >= 1"),
+    (("--devices", 0), "--repeats, --cg-iters and --devices >= 1"),
+    (("--sections", "speed"), "invalid choice: 'speed'"),
+    (("--dtypes", "float16"), "invalid choice: 'float16'"),
+]
+
+
+def _quick_argvs(base):
+    """{case: argv} of every quick call; `base / case` is the case's own directory."""
+    calls = {f"help-{c}": [*([c] if c else []), "--help"] for c in HELP_COMMANDS}
+    calls.update({f"demo-bad-{i}": ["demo", *args, "--out", base / f"demo-bad-{i}" / "out"]
+                  for i, (args, _) in enumerate(DEMO_BAD_INPUT)})
+    calls.update({f"bench-bad-{i}": ["bench", *args, "--out", base / f"bench-bad-{i}"]
+                  for i, (args, _) in enumerate(BENCH_BAD_INPUT)})
+    calls["demo-argparse"] = ["demo", "--lr", 0, "--out", base / "demo-argparse" / "out"]
+    calls["demo-unwritable"] = ["demo", "--out", base / "demo-unwritable" / "file" / "out"]
+    return calls
+
+
+@pytest.fixture(scope="module")
+def quick_calls(tmp_path_factory):
+    """`case -> (CompletedProcess, the case's directory)` for every quick call, one interpreter."""
+    base = tmp_path_factory.mktemp("quick_calls")
+    calls = _quick_argvs(base)
+    for case in calls:
+        (base / case).mkdir()
+    (base / "demo-unwritable" / "file").write_text("")   # a file where the output directory should go
+    proc = subprocess.run([sys.executable, "-c", _RUN_EACH], input=json.dumps(
+        [[str(a) for a in argv] for argv in calls.values()]), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    return {case: (subprocess.CompletedProcess(argv, r["returncode"], r["stdout"], r["stderr"]), base / case)
+            for (case, argv), r in zip(calls.items(), results)}
 
 
 def test_check_command_runs_every_method_and_passes():
@@ -23,9 +114,9 @@ def test_check_command_runs_every_method_and_passes():
     assert "OK: worst error of the exact methods" in out.stdout
 
 
-@pytest.mark.parametrize("command", ["check", "demo", "bench", None])
-def test_help(command):
-    out = cli(*([command] if command else []), "--help", timeout=120)
+@pytest.mark.parametrize("command", HELP_COMMANDS)
+def test_help(command, quick_calls):
+    out, _ = quick_calls[f"help-{command}"]
     assert out.returncode == 0 and "usage: bilevel" in out.stdout
 
 
@@ -78,33 +169,18 @@ def test_demo_on_mnist_from_a_path(tmp_path):
     assert "mnist, 200/100/50 train/val/test, 784 features" in out.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--data", "cifar"), "invalid choice: 'cifar'"),
-    (("--data", "mnist"), "needs --data-path"),
-    (("--data", "mnist", "--data-path", "/nonexistent/mnist.npz"), "/nonexistent/mnist.npz"),
-    (("--data-path", "x.npz"), "only for --data mnist"),
-    (("--num-train", 100), "--num-train is only for --data mnist"),
-    (("--num-val", 100), "--num-val is only for --data mnist"),
-    (("--data", "mnist", "--data-path", "x.npz", "--num-train", 0), "--num-train must be >= 1"),
-    (("--methods", "unroll", "magic"), "unknown method"),
-    (("--outer-steps", 0), "--outer-steps must be >= 1"),
-    (("--lr", 0, "--methods", "unroll"), "--lr must be a positive finite number"),
-    (("--lr", -1), "--lr must be a positive finite number"),
-    (("--lr", "nan"), "--lr must be a positive finite number"),
-    (("--outer-lr", 0), "--outer-lr must be a positive finite number"),
-    (("--log-lam0", "inf"), "--log-lam0 must be a finite number"),
-    (("--seed", -1), "--seed must be >= 0"),
-])
-def test_demo_bad_input(tmp_path, args, message):
+@pytest.mark.parametrize("case", range(len(DEMO_BAD_INPUT)), ids=lambda i: DEMO_BAD_INPUT[i][1])
+def test_demo_bad_input(case, quick_calls):
     """Rejected up front: status 2, the message, no traceback, and no output directory left behind."""
-    out = cli("demo", *args, "--out", tmp_path / "out", timeout=120)
+    _, message = DEMO_BAD_INPUT[case]
+    out, tmp_path = quick_calls[f"demo-bad-{case}"]
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_demo_bad_argument_reads_like_argparse(tmp_path):
-    out = cli("demo", "--lr", 0, "--out", tmp_path / "out", timeout=120)
+def test_demo_bad_argument_reads_like_argparse(quick_calls):
+    out, _ = quick_calls["demo-argparse"]
     assert out.stderr.startswith("usage: bilevel demo") and "bilevel demo: error: --lr" in out.stderr, out.stderr
 
 
@@ -165,10 +241,8 @@ def test_table_footer_and_plot_caption_explain_the_curves(tmp_path):
     assert "Ending above their start (truncate, identity)" in caption and "Diverged, not marked: identity" in caption
 
 
-def test_demo_unwritable_output(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    out = cli("demo", "--out", blocker / "out", timeout=120)
+def test_demo_unwritable_output(quick_calls):
+    out, _ = quick_calls["demo-unwritable"]   # its directory holds a plain file named "file"
     assert out.returncode == 2 and "cannot write to the output directory" in out.stderr
 
 
@@ -186,14 +260,10 @@ def test_bench_quick_writes_json_and_markdown(tmp_path):
     assert markdown in out.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--repeats", 0), "--repeats, --cg-iters and --devices >= 1"),
-    (("--devices", 0), "--repeats, --cg-iters and --devices >= 1"),
-    (("--sections", "speed"), "invalid choice: 'speed'"),
-    (("--dtypes", "float16"), "invalid choice: 'float16'"),
-])
-def test_bench_bad_input(tmp_path, args, message):
-    out = cli("bench", *args, "--out", tmp_path, timeout=120)
+@pytest.mark.parametrize("case", range(len(BENCH_BAD_INPUT)), ids=lambda i: BENCH_BAD_INPUT[i][1])
+def test_bench_bad_input(case, quick_calls):
+    _, message = BENCH_BAD_INPUT[case]
+    out, _ = quick_calls[f"bench-bad-{case}"]
     assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
