@@ -3,6 +3,10 @@
 Every expected value comes from a computation that does not go through `bilevel.implicit`:
 the closed form of the solution on its support or active set, solved densely with NumPy, or
 jaxopt's implicit differentiation of the same condition.
+
+The tests are compile-bound (small problems, many distinct programs), so they compile with
+`jax_disable_most_optimizations`, as tests/test_docs_pages.py does: the same programs with
+fewer backend optimisations, far below the float64 tolerances asserted here.
 """
 
 import functools
@@ -19,6 +23,20 @@ import bilevel as bl
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import jaxopt
+
+@pytest.fixture(autouse=True, scope="module")
+def _quick_compilation():
+    name = "jax_disable_most_optimizations"
+    previous = jax.config.read(name)
+    jax.config.update(name, True)
+    yield
+    jax.config.update(name, previous)
+
+
+def _hypergrad(problem, method):
+    """`bl.hypergrad`, jitted: one compile per program instead of one per eager operation."""
+    return jax.jit(bl.hypergrad(problem, method))
+
 
 # --- a Lasso with a known support -------------------------------------------------------------
 
@@ -110,7 +128,7 @@ def test_lasso_matches_jaxopt_custom_fixed_point():
         return bl.response(LASSO, _fista())(log_lam, init, TRAIN)
 
     ref = jax.grad(lambda h: _lsq(solve(jnp.zeros(D), h), h, VAL))(jnp.asarray(LOG_LAM))
-    ours = bl.hypergrad(LASSO, bl.implicit(_fista(), bl.cg(tol=1e-12)))(
+    ours = _hypergrad(LASSO, bl.implicit(_fista(), bl.cg(tol=1e-12)))(
         jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL).grad
     np.testing.assert_allclose(ours, ref, rtol=1e-7)
     np.testing.assert_allclose(ours, LASSO_GRAD, rtol=1e-7)
@@ -122,7 +140,7 @@ def test_stationarity_of_the_penalised_loss_is_not_the_lasso_hypergradient():
     # number is near the right one but wrong; with n < d, H is singular and it blows up.
     penalised = bl.Problem(inner=lambda w, h, b: _lsq(w, h, b) + jnp.exp(h) * jnp.sum(jnp.abs(w)),
                            outer=_lsq)
-    wrong = bl.hypergrad(penalised, bl.implicit(bl.solver(lambda h, w0, b: jnp.asarray(W_STAR)),
+    wrong = _hypergrad(penalised, bl.implicit(bl.solver(lambda h, w0, b: jnp.asarray(W_STAR)),
                                                 bl.exact(), condition=bl.stationary()))(
         jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     assert abs(wrong.grad - LASSO_GRAD) > 1e-3 * abs(LASSO_GRAD)
@@ -135,14 +153,14 @@ def test_a_solution_from_another_solver_with_tiny_nonzeros_keeps_the_support():
     noisy = jnp.asarray(np.where(SUPPORT, W_STAR, 1e-13))
     condition = bl.prox_fixed_point(bl.prox_l1(jnp.exp), stepsize=STEP)
     method = bl.implicit(bl.solver(lambda h, w0, b: noisy), bl.cg(tol=1e-12), condition=condition)
-    out = bl.hypergrad(LASSO, method)(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
+    out = _hypergrad(LASSO, method)(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     assert int(out.stats["support_size"]) == SUPPORT.sum()
     np.testing.assert_allclose(out.grad, LASSO_GRAD, rtol=1e-8)
 
 
 def test_lasso_unrolled_fista_converges_to_the_implicit_hypergradient():
     # Autodiff through the prox-gradient steps is an independent derivative of the same map.
-    out = bl.hypergrad(LASSO, _fista(steps=3000))(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
+    out = _hypergrad(LASSO, _fista(steps=3000))(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     np.testing.assert_allclose(out.grad, LASSO_GRAD, rtol=1e-6)
 
 
@@ -161,7 +179,7 @@ def test_elastic_net_hypergradient_is_the_closed_form():
     w_star, expected, _ = _lasso_exact(LOG_LAM, l2=l2)
     prox = bl.prox_elastic_net(l1=lambda h: jnp.exp(h), l2=lambda h: l2)
     method = bl.implicit(bl.proximal_gradient(prox, stepsize=STEP, steps=3000), bl.cg(tol=1e-12))
-    out = bl.hypergrad(LASSO, method)(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
+    out = _hypergrad(LASSO, method)(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     np.testing.assert_allclose(out.params, w_star, atol=1e-10)
     np.testing.assert_allclose(out.grad, expected, rtol=1e-8)
 
@@ -169,7 +187,7 @@ def test_elastic_net_hypergradient_is_the_closed_form():
 def test_per_coordinate_lasso_penalties():
     lam = np.full(D, np.exp(LOG_LAM))
     method = bl.implicit(_fista(), bl.cg(tol=1e-12))
-    out = bl.hypergrad(LASSO, method)(jnp.log(lam), jnp.zeros(D), TRAIN, VAL)
+    out = _hypergrad(LASSO, method)(jnp.log(lam), jnp.zeros(D), TRAIN, VAL)
     # d/dλ_i only moves w_S; the sum over coordinates is the scalar hypergradient.
     np.testing.assert_allclose(out.grad.sum(), LASSO_GRAD, rtol=1e-8)
     np.testing.assert_allclose(out.grad[~SUPPORT], 0.0, atol=1e-14)
@@ -182,7 +200,7 @@ def test_group_lasso_needs_and_works_with_a_nonsymmetric_solver():
     fista = bl.proximal_gradient(bl.prox_group_l1(strength=jnp.exp), stepsize=STEP, steps=4000)
     with pytest.raises(ValueError, match="CG is only valid for symmetric systems.*gmres"):
         bl.implicit(fista, bl.cg())
-    hg = bl.hypergrad(problem, bl.implicit(fista, bl.gmres(tol=1e-12)))
+    hg = _hypergrad(problem, bl.implicit(fista, bl.gmres(tol=1e-12)))
     out = hg(jnp.asarray(LOG_LAM), jnp.zeros((4, 2)), TRAIN, VAL)
     assert 0 < int(out.stats["support_size"]) < D
     del groups
@@ -246,7 +264,7 @@ def test_box_constrained_qp_hypergradient_is_the_active_set_closed_form(name):
     assert 0 < free.sum() < DQ
     method = bl.implicit(bl.projected_gradient(bl.projection_box(lo, hi), stepsize=1 / LQ, steps=3000),
                          SOLVERS[name])
-    out = bl.hypergrad(QP, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
+    out = _hypergrad(QP, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
     np.testing.assert_allclose(out.params, w, atol=1e-9)
     np.testing.assert_allclose(out.grad, _active_set_exact(w, free, LAM_Q), rtol=1e-7, atol=1e-12)
 
@@ -257,7 +275,7 @@ def test_nonnegative_qp_hypergradient_is_the_active_set_closed_form():
     assert 0 < free.sum() < DQ
     method = bl.implicit(bl.projected_gradient(bl.projection_nonneg(), stepsize=1 / LQ, steps=3000),
                          bl.cg(tol=1e-12))
-    out = bl.hypergrad(QP, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
+    out = _hypergrad(QP, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
     np.testing.assert_allclose(out.grad, _active_set_exact(w, free, LAM_Q), rtol=1e-7, atol=1e-12)
 
 
@@ -294,7 +312,7 @@ def test_simplex_constrained_hypergradient_is_the_kkt_closed_form(name):
     assert 1 < S.sum() < DQ
     method = bl.implicit(bl.projected_gradient(bl.projection_simplex(), stepsize=1 / LQ, steps=3000),
                          SOLVERS[name])
-    out = bl.hypergrad(QP, method)(jnp.asarray(LAM_Q), jnp.full(DQ, 1.0 / DQ), None, None)
+    out = _hypergrad(QP, method)(jnp.asarray(LAM_Q), jnp.full(DQ, 1.0 / DQ), None, None)
     np.testing.assert_allclose(out.params, w, atol=1e-9)
     np.testing.assert_allclose(out.grad, expected, rtol=1e-6, atol=1e-10)
 
@@ -335,7 +353,7 @@ def test_equality_constrained_qp_through_kkt(name):
     w, nu, expected = _kkt_dense(LAM_Q)
     method = bl.implicit(bl.solver(lambda *a: jax.lax.stop_gradient(_kkt_solver(*a))), SOLVERS[name],
                          condition=EQ)
-    out = bl.hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2), None), None, None)
+    out = _hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2), None), None, None)
     np.testing.assert_allclose(out.params[0], w, atol=1e-10)
     np.testing.assert_allclose(out.params[1], nu, atol=1e-10)
     np.testing.assert_allclose(out.grad, expected, rtol=1e-7, atol=1e-12)
@@ -355,7 +373,7 @@ def test_inequality_constrained_qp_through_kkt_matches_the_box_active_set():
 
     ineq = bl.kkt(ineq=lambda w_, lam, b: jnp.concatenate([w_ - hi, lo - w_]))
     method = bl.implicit(bl.solver(solve), bl.gmres(tol=1e-12), condition=ineq)
-    out = bl.hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), None, jnp.zeros(2 * DQ)), None, None)
+    out = _hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), None, jnp.zeros(2 * DQ)), None, None)
     assert float(out.stats["optimality_residual"]) < 1e-8
     np.testing.assert_allclose(out.grad, _active_set_exact(w, free, LAM_Q), rtol=1e-6, atol=1e-10)
 
@@ -375,7 +393,7 @@ def test_kkt_matches_jaxopt_custom_root():
 
     ref = jax.grad(lambda lam: _to_target(solve(None, lam)[0], lam, None))(jnp.asarray(LAM_Q))
     method = bl.implicit(bl.solver(_kkt_solver), bl.exact(), condition=EQ)
-    ours = bl.hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2), None), None, None)
+    ours = _hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2), None), None, None)
     np.testing.assert_allclose(ours.grad, ref, rtol=1e-9)
 
 
@@ -402,7 +420,7 @@ def test_fixed_point_hypergradient_is_the_closed_form(name):
     w = inv @ (B @ LAM_Q + C)
     expected = (w - TARGET) @ inv @ B
     method = bl.implicit(bl.solver(_iterate), SOLVERS[name], condition=bl.fixed_point(_map))
-    out = bl.hypergrad(FP_PROBLEM, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
+    out = _hypergrad(FP_PROBLEM, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
     np.testing.assert_allclose(out.params, w, atol=1e-10)
     np.testing.assert_allclose(out.grad, expected, rtol=1e-8)
 
@@ -411,7 +429,7 @@ def test_fixed_point_with_neumann_is_the_tangent_fixed_point_iteration():
     inv = np.linalg.inv(np.eye(DQ) - A_FP)
     w = inv @ (B @ LAM_Q + C)
     method = bl.implicit(bl.solver(_iterate), bl.neumann(terms=200, alpha=1.0), condition=bl.fixed_point(_map))
-    out = bl.hypergrad(FP_PROBLEM, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
+    out = _hypergrad(FP_PROBLEM, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
     np.testing.assert_allclose(out.grad, (w - TARGET) @ inv @ B, rtol=1e-8)
 
 
@@ -438,7 +456,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_jvp_equals_grad_dot_v_for_every_condition(case):
     problem, method, h, p0, tr, va = CASES[case]
-    hg = bl.hypergrad(problem, method)
+    hg = _hypergrad(problem, method)
     grad = hg(h, p0, tr, va).grad
     v = jnp.linspace(0.5, -1.0, jnp.size(h)).reshape(jnp.shape(h))
     _, tangent = jax.jvp(lambda x: hg(x, p0, tr, va).value, (h,), (v,))
@@ -452,17 +470,17 @@ def test_vmap_and_no_retrace_for_new_hyperparameter_values(case):
 
     def count(x):
         traces.append(1)
-        return bl.hypergrad(problem, method)(x, p0, tr, va).grad
+        return _hypergrad(problem, method)(x, p0, tr, va).grad
 
     f = jax.jit(count)
     one, two = f(h), f(h + 0.01)
     assert len(traces) == 1
-    both = jax.vmap(count)(jnp.stack([h, h + 0.01]))
+    both = jax.jit(jax.vmap(count))(jnp.stack([h, h + 0.01]))
     np.testing.assert_allclose(both, jnp.stack([one, two]), rtol=1e-9, atol=1e-12)
 
 
 def test_lasso_hyper_hessian_matches_finite_differences_of_the_closed_form():
-    hg = bl.hypergrad(LASSO, bl.implicit(_fista(), bl.cg(tol=1e-13)))
+    hg = _hypergrad(LASSO, bl.implicit(_fista(), bl.cg(tol=1e-13)))
     second = jax.grad(lambda h: hg(h, jnp.zeros(D), TRAIN, VAL).grad)(jnp.asarray(LOG_LAM))
     eps = 1e-4
     fd = (_lasso_exact(LOG_LAM + eps)[1] - _lasso_exact(LOG_LAM - eps)[1]) / (2 * eps)
@@ -483,13 +501,14 @@ def test_a_saddle_point_is_flagged_by_cg_and_solved_by_gmres():
 
     problem = bl.Problem(inner, lambda w, lam, _: jnp.sum(w * jnp.arange(1.0, 4.0)))
     reached = bl.solver(lambda lam, w0, b: jnp.zeros(3))          # the saddle: ∇ = 0 at λ = 0
-    H = jax.hessian(inner)(jnp.zeros(3), 0.0, None)
+    H = jax.jit(jax.hessian(inner))(jnp.zeros(3), 0.0, None)
     assert np.linalg.eigvalsh(H).min() < 0 < np.linalg.eigvalsh(H).max()
-    cross = jax.jacfwd(jax.grad(inner), argnums=1)(jnp.zeros(3), 0.0, None)
+    cross = jax.jit(jax.jacfwd(jax.grad(inner), argnums=1))(jnp.zeros(3), 0.0, None)
     expected = -jnp.arange(1.0, 4.0) @ np.linalg.solve(H, cross)
-    out_cg = bl.hypergrad(problem, bl.implicit(reached, bl.cg(maxiter=10)))(0.0, jnp.zeros(3), None, None)
+    out_cg = jax.jit(bl.hypergrad(problem, bl.implicit(reached, bl.cg(maxiter=10))))(0.0, jnp.zeros(3), None, None)
     assert bool(out_cg.stats["solve_negative_curvature"])
-    out_gmres = bl.hypergrad(problem, bl.implicit(reached, bl.gmres(tol=1e-12)))(0.0, jnp.zeros(3), None, None)
+    out_gmres = jax.jit(bl.hypergrad(problem, bl.implicit(reached, bl.gmres(tol=1e-12))))(
+        0.0, jnp.zeros(3), None, None)
     np.testing.assert_allclose(out_gmres.grad, expected, atol=1e-10)
     assert not bool(out_cg.stats["solve_negative_curvature"]) or float(out_gmres.stats["solve_residual"]) < 1e-10
 
@@ -505,10 +524,10 @@ def test_a_small_mlp_far_from_a_minimum_has_negative_curvature_reported():
 
     problem = bl.Problem(inner, lambda p, h, _: jnp.sum(p["v"] ** 2))
     p0 = {"W": jnp.asarray(rng_.normal(size=(3, 4))), "b": jnp.zeros(4), "v": jnp.asarray(rng_.normal(size=4))}
-    out = bl.hypergrad(problem, bl.implicit(bl.unroll(optax.sgd(0.05), steps=3), bl.cg(maxiter=50)))(
+    out = jax.jit(bl.hypergrad(problem, bl.implicit(bl.unroll(optax.sgd(0.05), steps=3), bl.cg(maxiter=50))))(
         jnp.asarray(-4.0), p0, None, None)
     flat, unravel = jax.flatten_util.ravel_pytree(out.params)
-    H = jax.hessian(lambda f: inner(unravel(f), -4.0, None))(flat)
+    H = jax.jit(jax.hessian(lambda f: inner(unravel(f), -4.0, None)))(flat)
     assert np.linalg.eigvalsh(H).min() < 0      # the reached point is not a minimum
     assert bool(out.stats["solve_negative_curvature"])
 
@@ -520,23 +539,23 @@ def test_a_prox_with_the_wrong_output_shape_is_a_clear_error():
     bad = bl.prox(lambda v, h, step: v[:-1])
     method = bl.implicit(bl.proximal_gradient(bad, stepsize=0.1, steps=3), bl.gmres())
     with pytest.raises(ValueError, match="prox or projection must return.*structure and shapes"):
-        bl.hypergrad(LASSO, method)(jnp.asarray(0.0), jnp.zeros(D), TRAIN, VAL)
+        _hypergrad(LASSO, method)(jnp.asarray(0.0), jnp.zeros(D), TRAIN, VAL)
 
 
 def test_a_fixed_point_map_with_the_wrong_output_is_a_clear_error():
     method = bl.implicit(bl.solver(_iterate), bl.gmres(), condition=bl.fixed_point(lambda w, h, b: w.sum()))
     with pytest.raises(ValueError, match=r"fixed_point\(fn\).*must return"):
-        bl.hypergrad(FP_PROBLEM, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
+        _hypergrad(FP_PROBLEM, method)(jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None)
 
 
 def test_kkt_with_inconsistent_multipliers_is_a_clear_error():
     method = bl.implicit(bl.solver(lambda lam, p0, b: p0), bl.exact(), condition=EQ)
     with pytest.raises(ValueError, match=r"`eq\(w, hparams, batch\)` returned.*multipliers"):
-        bl.hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(3), None), None, None)
+        _hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(3), None), None, None)
     with pytest.raises(ValueError, match="triple"):
-        bl.hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2)), None, None)
+        _hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2)), None, None)
     with pytest.raises(ValueError, match="ineq multipliers.*`ineq` is None"):
-        bl.hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2), jnp.zeros(1)), None, None)
+        _hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2), jnp.zeros(1)), None, None)
 
 
 @pytest.mark.parametrize("build, match", [
@@ -681,7 +700,7 @@ BOX_PROBLEM = blt.BoxQP.sample(0, dim=2).problem
 def _box_hypergrad(hparams, inner_batch, outer_batch, lower, upper):
     method = bl.implicit(bl.projected_gradient(bl.projection_box(lower, upper), stepsize=DRAWN_STEP, steps=800),
                          bl.cg(tol=1e-12))
-    return bl.hypergrad(BOX_PROBLEM, method)(hparams, jnp.zeros_like(lower), inner_batch, outer_batch)
+    return _hypergrad(BOX_PROBLEM, method)(hparams, jnp.zeros_like(lower), inner_batch, outer_batch)
 
 
 DRAWN_BOX = jax.jit(_box_hypergrad)
@@ -697,7 +716,7 @@ def test_box_qp_hypergradient_on_drawn_sizes_and_active_sets(exact):
 def test_stationarity_with_a_prox_method_reports_the_stationarity_residual():
     # Pairing proximal_gradient with condition=stationary() differentiates ∇f = 0, which the
     # Lasso solution does not satisfy: the stats must say so rather than show the prox residual.
-    out = bl.hypergrad(LASSO, bl.implicit(_fista(), bl.cg(), condition=bl.stationary()))(
+    out = _hypergrad(LASSO, bl.implicit(_fista(), bl.cg(), condition=bl.stationary()))(
         jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     assert "optimality_residual" not in out.stats and float(out.stats["inner_grad_norm"]) > 1e-2
 
@@ -706,7 +725,7 @@ def test_concrete_jax_scalars_are_accepted_as_settings():
     L = jnp.linalg.eigvalsh(jnp.asarray(X.T @ X / N)).max()
     method = bl.proximal_gradient(bl.prox_l1(jnp.exp), stepsize=1 / L, steps=jnp.asarray(3000))
     assert isinstance(method.stepsize, float) and method.steps == 3000
-    out = bl.hypergrad(LASSO, bl.implicit(method, bl.cg(tol=1e-12)))(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
+    out = _hypergrad(LASSO, bl.implicit(method, bl.cg(tol=1e-12)))(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     np.testing.assert_allclose(out.grad, LASSO_GRAD, rtol=1e-8)
 
 
