@@ -6,9 +6,14 @@ forward mode) and checks the fix against a closed form or a dense computation.
 
 The shared problem: L_T = ½‖w − 1‖² + ½λ‖w‖², L_V = s·½‖w − c‖² over d = 3 coordinates,
 so w*(λ) = 1/(1 + λ) and dL_V/dλ = −s·Σ(w* − c)/(1 + λ)² in closed form.
+
+Second derivatives and the float32 solves are jitted (run eagerly, every operation and loop
+of them compiled on its own, they were most of this file's time).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -142,13 +147,21 @@ def test_solvers_return_nan_for_a_non_finite_right_hand_side(name):
     assert np.isnan(stats["solve_residual"])
 
 
+@functools.cache
+def _scaled_hypergrad(name):
+    """jit(hypergrad) of `_problem(scale)` with the scale passed as the outer batch: one
+    compile per solver for the three scales."""
+    problem = bl.Problem(inner=_problem().inner,
+                         outer=lambda w, lam, scale: scale * 0.5 * jnp.sum((w - 0.5) ** 2))
+    return jax.jit(bl.hypergrad(problem, bl.implicit(bl.unroll(optax.sgd(0.5), steps=60), SOLVERS[name])))
+
+
 @pytest.mark.parametrize("scale", [1e-7, 1e-20, 1e20])
 @pytest.mark.parametrize("name", ["exact", "cg", "gmres", "neumann"])   # neumann: ρ = 0.35, 40 terms
 def test_tiny_and_huge_right_hand_sides_are_solved_in_float32(name, scale):
     # Before: float32 GMRES returned 0 at scale 1e-7 and CG did 0 iterations at 1e-20.
     lam = jnp.asarray(0.3, jnp.float32)
-    method = bl.implicit(bl.unroll(optax.sgd(0.5), steps=60), SOLVERS[name])
-    out = bl.hypergrad(_problem(scale), method)(lam, jnp.zeros(D, jnp.float32), None, None)
+    out = _scaled_hypergrad(name)(lam, jnp.zeros(D, jnp.float32), None, jnp.asarray(scale, jnp.float32))
     assert out.grad.dtype == jnp.float32
     np.testing.assert_allclose(out.grad, _closed_form_grad(0.3, scale), rtol=1e-4)
     assert out.stats["solve_residual"] < 1e-5            # honest: measured on the normalised system
@@ -224,7 +237,7 @@ def test_cg_flags_negative_curvature():
 
 def _hessian_of_value(method, lam):
     hg = bl.hypergrad(_problem(), method)
-    return jax.grad(jax.grad(lambda h: hg(h, jnp.zeros(D), None, None).value))(lam)
+    return jax.jit(jax.grad(jax.grad(lambda h: hg(h, jnp.zeros(D), None, None).value)))(lam)
 
 
 def _exact_hessian(lam):
@@ -248,7 +261,8 @@ def test_forward_mode_derivative_of_the_value_is_the_reported_grad_when_clipping
     out = hg(lam, jnp.zeros(D), None, None)
     assert float(out.stats["clip_fraction"]) > 0.5
     assert abs(out.grad - _closed_form_grad(0.3)) > 0.5 * abs(_closed_form_grad(0.3))  # clipped: biased
-    np.testing.assert_allclose(jax.grad(lambda h: hg(h, jnp.zeros(D), None, None).value)(lam), out.grad, rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(jax.grad(lambda h: hg(h, jnp.zeros(D), None, None).value))(lam), out.grad,
+                               rtol=1e-12)
     assert np.isfinite(_hessian_of_value(method, lam))
 
 
@@ -263,7 +277,7 @@ def test_forward_mode_hyper_hessian_is_exact_on_a_nonlinear_response():
     hessians = []
     for method in (unroll, bl.forward_mode(unroll)):
         hg = bl.hypergrad(problem, method)
-        hessians.append(jax.hessian(lambda h: hg(h, jnp.zeros(D), None, None).value)(lam))
+        hessians.append(jax.jit(jax.hessian(lambda h: hg(h, jnp.zeros(D), None, None).value))(lam))
     np.testing.assert_allclose(hessians[1], hessians[0], rtol=1e-9, atol=1e-12)
 
 
