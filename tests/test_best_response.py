@@ -3,6 +3,10 @@
 Exact references: `bilevel.testing.AffineResponse` (best response Aλ + b, known A and b),
 `bilevel.testing.Ridge` (closed-form w*(λ), dw*/dλ and hypergradient), and for the drivers'
 update rules a hand-written step with `jax.grad` on the same draws.
+
+Compilation is most of the time: the checker `blt.hypergrad_error` runs under `eqx.filter_jit`
+(`_hypergrad_error`, the same function compiled rather than run op by op), and the fitting loops
+are built from module-level optimizers and sampling functions so later examples reuse them.
 """
 
 import equinox as eqx
@@ -18,16 +22,20 @@ import bilevel.testing as blt
 import bilevel.testing.strategies as bst
 
 
+_hypergrad_error = eqx.filter_jit(blt.hypergrad_error)
+
+
+@eqx.filter_jit
 def _affine_fit(exact, steps=400, num_samples=8, lr=0.3):
-    """Algorithm 2's first loop: a linear hypernet fitted over λ ~ N(0, I)."""
+    """Algorithm 2's first loop: a linear hypernet fitted over λ ~ N(0, I) (one compiled program,
+    the problem's arrays as arguments)."""
     k = exact.hparams.shape[0]
     trainer = bl.hypertrain_global(exact.problem, optax.sgd(lr),
                                    lambda key: jax.random.normal(key, (k,), exact.dtype),
                                    num_samples=num_samples)
     state = trainer.init(bl.linear_hypernet(exact.params0, exact.hparams), exact.hparams, exact.params0)
-    run = jax.jit(lambda s, key: jax.lax.scan(lambda s, kk: trainer.step(s, kk, exact.inner_batch), s,
-                                              jax.random.split(key, steps)))
-    return run(state, jax.random.key(0))
+    return jax.lax.scan(lambda s, kk: trainer.step(s, kk, exact.inner_batch), state,
+                        jax.random.split(jax.random.key(0), steps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,10 +82,10 @@ def test_best_response_of_the_exact_affine_map_gives_the_exact_hypergradient(exa
     net = bl.linear_hypernet(exact.params0, exact.hparams)
     net = eqx.tree_at(lambda n: (n.weight, n.bias), net, (exact.A, exact.b))   # center = 0
     lam = jnp.linspace(-1.0, 1.0, exact.hparams.shape[0])
-    cmp = blt.hypergrad_error(bl.best_response(net), exact, lam)
+    cmp = _hypergrad_error(bl.best_response(net), exact, lam)
     assert cmp.error < 1e-12
-    out = bl.hypergrad(exact.problem, bl.best_response(net))(lam, exact.params0, exact.inner_batch,
-                                                             exact.outer_batch)
+    out = eqx.filter_jit(lambda e, n, h: bl.hypergrad(e.problem, bl.best_response(n))(
+        h, e.params0, e.inner_batch, e.outer_batch))(exact, net, lam)
     np.testing.assert_allclose(out.params, exact.response(lam), rtol=1e-12)
     assert out.stats["inner_grad_norm"] < 1e-12
 
@@ -91,7 +99,7 @@ def test_global_linear_hypernet_recovers_affine_response(exact):
     np.testing.assert_allclose(net.bias, exact.b, atol=1e-6)
     assert losses[-1] < 1e-12 < losses[0]
     lam = jnp.asarray([0.7, -0.4])
-    cmp = blt.hypergrad_error(bl.best_response(net), exact, lam)
+    cmp = _hypergrad_error(bl.best_response(net), exact, lam)
     assert cmp.error < 1e-6
 
 
@@ -107,10 +115,10 @@ def test_implicit_applies_the_ift_at_the_hypernet_output():
     exact = blt.Ridge.sample(5, dim=4, log_lam=-0.5)
     lam = exact.hparams
     net = bl.linear_hypernet(exact.response(lam), lam)
-    plain = blt.hypergrad_error(bl.best_response(net), exact, lam)
+    plain = _hypergrad_error(bl.best_response(net), exact, lam)
     np.testing.assert_allclose(plain.grad, 0.0, atol=1e-15)   # L_V has no direct λ term
     for solver in (bl.exact(), bl.cg(maxiter=50, tol=1e-13)):
-        cmp = blt.hypergrad_error(bl.implicit(bl.best_response(net), solver), exact, lam)
+        cmp = _hypergrad_error(bl.implicit(bl.best_response(net), solver), exact, lam)
         assert cmp.error < 1e-9, (solver, cmp)
 
 
@@ -199,6 +207,10 @@ def test_global_step_matches_hand_written_step():
     np.testing.assert_allclose(loss, fit(net), rtol=1e-12)
 
 
+# Built once, so the drivers of every example (and their compiled scans) are the same.
+_DECAYING_SGD, _FROZEN = optax.sgd(optax.exponential_decay(0.3, 2000, 1e-2)), optax.sgd(0.0)
+
+
 @settings(max_examples=3, deadline=None)
 @given(bst.ridge_problems(min_dim=4, max_dim=4, max_condition=5.0, hparams_range=(-1.5, 0.5)))
 def test_local_linear_hypernet_hypergradient_approaches_exact_as_perturbation_shrinks(exact):
@@ -208,11 +220,11 @@ def test_local_linear_hypernet_hypergradient_approaches_exact_as_perturbation_sh
     lam = exact.hparams
     errors = []
     for sigma in (0.3, 0.03):
-        driver = bl.hypertrain_local(exact.problem, optax.sgd(optax.exponential_decay(0.3, 2000, 1e-2)),
-                                     optax.sgd(0.0), perturb=bl.gaussian(sigma), num_samples=32)
+        driver = bl.hypertrain_local(exact.problem, _DECAYING_SGD, _FROZEN, perturb=bl.gaussian(sigma),
+                                     num_samples=32)
         state = driver.init(bl.linear_hypernet(exact.params0, lam, scale=sigma), lam, exact.params0)
         state, _ = _run_joint(driver, state, exact, 4000)
-        cmp = blt.hypergrad_error(bl.best_response(state.hypernet), exact, lam)
+        cmp = _hypergrad_error(bl.best_response(state.hypernet), exact, lam)
         errors.append(float(cmp.abs_error))
     scale = abs(float(exact.hypergrad(lam))) + float(jnp.linalg.norm(jax.jacfwd(exact.response)(lam)))
     assert errors[1] < 0.1 * errors[0] + 1e-4 * scale, errors
