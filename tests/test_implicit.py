@@ -1,4 +1,10 @@
-"""implicit and the linear solvers: against dense solves, jaxopt and finite differences."""
+"""implicit and the linear solvers: against dense solves, jaxopt and finite differences.
+
+Most hypergradients, jvps and second derivatives are jitted: run eagerly, each of their loops
+and operations compiled on its own, which was most of this file's time. (Not those whose static
+settings change from call to call, e.g. the Neumann term counts: there eager calls reuse
+already compiled operations and a jit would compile a whole program per call.)
+"""
 
 import warnings
 
@@ -42,6 +48,7 @@ def _closed_form(log_lam, w0, batch):
     return jnp.linalg.solve(H, X.T @ y / n)
 
 
+@jax.jit
 def _exact_hypergrad(log_lam, tr, va):
     """IFT by hand with a dense Hessian (independent of bilevel)."""
     X, y = tr
@@ -81,16 +88,16 @@ def test_implicit_matches_jaxopt_custom_root():
     def jaxopt_solver(init, log_lam, batch):
         return _closed_form(log_lam, init, batch)
 
-    ref = jax.grad(lambda h: _outer(jaxopt_solver(jnp.zeros(5), h, tr), h, va))(log_lam)
+    ref = jax.jit(jax.grad(lambda h: _outer(jaxopt_solver(jnp.zeros(5), h, tr), h, va)))(log_lam)
     for solver in (bl.exact(), bl.cg(maxiter=50, tol=1e-13)):
-        out = bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), solver))(log_lam, jnp.zeros(5), tr, va)
+        out = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), solver)))(log_lam, jnp.zeros(5), tr, va)
         np.testing.assert_allclose(out.grad, ref, rtol=1e-9)
 
 
 def test_solver_alone_differentiates_through_fn():
     """Without implicit, a closed-form solver is differentiated by autodiff: exact too."""
     tr, va = _data(2)
-    out = bl.hypergrad(PROBLEM, bl.solver(_closed_form))(jnp.asarray(-0.3), jnp.zeros(5), tr, va)
+    out = jax.jit(bl.hypergrad(PROBLEM, bl.solver(_closed_form)))(jnp.asarray(-0.3), jnp.zeros(5), tr, va)
     np.testing.assert_allclose(out.grad, _exact_hypergrad(jnp.asarray(-0.3), tr, va), rtol=1e-10)
 
 
@@ -98,8 +105,8 @@ def test_implicit_ignores_forward_path():
     """The IFT derivative does not depend on how w was reached, only on where."""
     tr, va = _data(3)
     lam = jnp.asarray(-0.5)
-    a = bl.hypergrad(PROBLEM, bl.implicit(bl.unroll(optax.sgd(0.5), 3000), bl.exact()))(lam, jnp.zeros(5), tr, va)
-    b = bl.hypergrad(PROBLEM, bl.implicit(bl.unroll(optax.adam(0.05), 3000), bl.exact()))(lam, jnp.ones(5), tr, va)
+    a = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(bl.unroll(optax.sgd(0.5), 3000), bl.exact())))(lam, jnp.zeros(5), tr, va)
+    b = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(bl.unroll(optax.adam(0.05), 3000), bl.exact())))(lam, jnp.ones(5), tr, va)
     np.testing.assert_allclose(a.grad, b.grad, rtol=1e-8)
 
 
@@ -135,9 +142,9 @@ def test_backward_tolerance_is_independent_of_forward():
     tr, va = _data(5, d=30, n=60)
     lam = jnp.asarray(-3.0)
     exact = _exact_hypergrad(lam, tr, va)
-    loose = bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), bl.cg(maxiter=100, tol=1e-2)))(
+    loose = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), bl.cg(maxiter=100, tol=1e-2))))(
         lam, jnp.zeros(30), tr, va)
-    tight = bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), bl.cg(maxiter=100, tol=1e-12)))(
+    tight = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), bl.cg(maxiter=100, tol=1e-12))))(
         lam, jnp.zeros(30), tr, va)
     assert tight.stats["solve_residual"] < 1e-11
     assert 1e3 * tight.stats["solve_residual"] < loose.stats["solve_residual"] <= 1e-2
@@ -186,14 +193,14 @@ def test_neumann_divergence_is_flagged():
 def test_identity_is_one_step_formula():
     tr, va = _data(8)
     lam = jnp.linspace(-1.0, 0.0, 5)
-    out = bl.hypergrad(PROBLEM, bl.implicit(FORWARD, bl.identity()))(lam, jnp.zeros(5), tr, va)
+    out = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(FORWARD, bl.identity())))(lam, jnp.zeros(5), tr, va)
     w = out.params
     gv = jax.grad(_outer)(w, lam, va)
     direct = jax.grad(_outer, argnums=1)(w, lam, va)
     cross = jax.jacfwd(jax.grad(_inner), argnums=1)(w, lam, tr)  # (d_w, d_lam)
     np.testing.assert_allclose(out.grad, direct - cross.T @ gv, rtol=1e-12)
     # identity() is neumann(0, 1): same number.
-    nm = bl.hypergrad(PROBLEM, bl.implicit(FORWARD, bl.neumann(0, 1.0)))(lam, jnp.zeros(5), tr, va)
+    nm = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(FORWARD, bl.neumann(0, 1.0))))(lam, jnp.zeros(5), tr, va)
     np.testing.assert_allclose(nm.grad, out.grad, rtol=1e-12)
 
 
@@ -204,8 +211,8 @@ def test_jvp_equals_grad(name):
     v = jnp.asarray([0.3, -1.0, 0.5, 2.0, 0.1])
     method = bl.implicit(FORWARD, SOLVERS[name])
     respond = bl.response(PROBLEM, method)
-    _, jv = jax.jvp(lambda h: _outer(respond(h, jnp.zeros(5), tr), h, va), (lam,), (v,))
-    out = bl.hypergrad(PROBLEM, method)(lam, jnp.zeros(5), tr, va)
+    _, jv = jax.jit(lambda lam: jax.jvp(lambda h: _outer(respond(h, jnp.zeros(5), tr), h, va), (lam,), (v,)))(lam)
+    out = jax.jit(bl.hypergrad(PROBLEM, method))(lam, jnp.zeros(5), tr, va)
     np.testing.assert_allclose(jv, out.grad @ v, rtol=1e-9)
 
 
@@ -222,8 +229,8 @@ def test_derivative_with_respect_to_data():
 def test_second_order_through_implicit():
     """Hyper-hypergradient through implicit(exact) equals finite differences of the hypergradient."""
     tr, va = _data(11)
-    hg = bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), bl.exact()))
-    second = jax.grad(lambda h: hg(h, jnp.zeros(5), tr, va).grad)(jnp.asarray(-0.7))
+    hg = jax.jit(bl.hypergrad(PROBLEM, bl.implicit(bl.solver(_closed_form), bl.exact())))
+    second = jax.jit(jax.grad(lambda h: hg(h, jnp.zeros(5), tr, va).grad))(jnp.asarray(-0.7))
     eps = 1e-5
     fd = (_exact_hypergrad(jnp.asarray(-0.7 + eps), tr, va) - _exact_hypergrad(jnp.asarray(-0.7 - eps), tr, va)) / (2 * eps)
     np.testing.assert_allclose(second, fd, rtol=1e-6)
@@ -283,41 +290,51 @@ def test_solver_rejects_per_step_data():
         bl.response(PROBLEM, bl.solver(_closed_form))(jnp.asarray(0.0), jnp.zeros(5), xs)
 
 
+def _bias_inner(p, log_lam, batch):
+    X, y, _ = batch
+    return 0.5 * jnp.mean((X @ p["W"] + p["b"] - y) ** 2) + 0.5 * jnp.exp(log_lam) * p["W"] @ p["W"]
+
+
+def _bias_outer(p, log_lam, batch):
+    X, y, _ = batch
+    return 0.5 * jnp.mean((X @ p["W"] + p["b"] - y + 0.3) ** 2)
+
+
+@jax.jit
+def _bias_dense_parts(params, h, batch):
+    """The inner Hessian, ∂(∇_w L_T)/∂λ and ∇_w L_V at `params`, flattened, by autodiff."""
+    from jax.flatten_util import ravel_pytree
+
+    flat, unravel = ravel_pytree(params)
+    H = jax.hessian(lambda v: _bias_inner(unravel(v), h, batch))(flat)
+    cross = jax.jacfwd(lambda lam: jax.grad(lambda v: _bias_inner(unravel(v), lam, batch))(flat))(h)
+    gv = jax.grad(lambda v: _bias_outer(unravel(v), h, batch))(flat)
+    return H, cross, gv
+
+
 @pytest.mark.parametrize("solver", [bl.exact(), bl.cg(maxiter=50, tol=1e-12), bl.neumann(terms=5, alpha=0.1),
                                     bl.identity()])
 def test_params_that_the_hparams_do_not_touch(solver):
     """An unpenalised bias: λ's cross-derivative is zero on that leaf (regression: reverse mode
     used to fail to transpose the solve). The hypergradient equals the dense IFT formula."""
-    from jax.flatten_util import ravel_pytree
-
     key1, key2 = jax.random.split(jax.random.key(7))
     X, y = jax.random.normal(key1, (40, 3)), jax.random.normal(key2, (40,))
     labels = (jnp.arange(40) % 2).astype(jnp.int32)      # an integer batch leaf, unused by the loss
-
-    def inner(p, log_lam, batch):
-        X, y, _ = batch
-        return 0.5 * jnp.mean((X @ p["W"] + p["b"] - y) ** 2) + 0.5 * jnp.exp(log_lam) * p["W"] @ p["W"]
-
-    def outer(p, log_lam, batch):
-        X, y, _ = batch
-        return 0.5 * jnp.mean((X @ p["W"] + p["b"] - y + 0.3) ** 2)
-
-    problem = bl.Problem(inner=inner, outer=outer)
+    problem = bl.Problem(inner=_bias_inner, outer=_bias_outer)
     batch, h = (X, y, labels), jnp.asarray(-0.5)
     method = bl.implicit(bl.unroll(optax.sgd(0.3), steps=3000), solver)
     out = jax.jit(bl.hypergrad(problem, method))(h, {"W": jnp.zeros(3), "b": jnp.zeros(())}, batch, batch)
-    flat, unravel = ravel_pytree(out.params)
-    H = jax.hessian(lambda v: inner(unravel(v), h, batch))(flat)
+    H, cross, gv = _bias_dense_parts(out.params, h, batch)
+    size = H.shape[0]
     if isinstance(solver, bl.Identity):
-        H = jnp.eye(flat.size)
+        H = jnp.eye(size)
     if isinstance(solver, bl.Neumann):                 # H⁻¹ ≈ α Σ_{j=0}^{terms} (I − αH)^j, inverted
-        step = jnp.eye(flat.size) - solver.alpha * H
+        step = jnp.eye(size) - solver.alpha * H
         series = solver.alpha * sum(jnp.linalg.matrix_power(step, j) for j in range(solver.terms + 1))
         H = jnp.linalg.inv(series)
-    cross = jax.jacfwd(lambda lam: jax.grad(lambda v: inner(unravel(v), lam, batch))(flat))(h)
-    gv = jax.grad(lambda v: outer(unravel(v), h, batch))(flat)
     expected = -gv @ jnp.linalg.solve(H, cross)
     np.testing.assert_allclose(out.grad, expected, rtol=1e-8)
-    _, tangent = jax.jvp(lambda lam: outer(bl.response(problem, method)(lam, out.params, batch), lam, batch),
-                         (h,), (jnp.ones(()),))
+    _, tangent = jax.jit(lambda h: jax.jvp(
+        lambda lam: _bias_outer(bl.response(problem, method)(lam, out.params, batch), lam, batch),
+        (h,), (jnp.ones(()),)))(h)
     np.testing.assert_allclose(tangent, out.grad, rtol=1e-6)
