@@ -1,4 +1,8 @@
-"""unroll and truncate: against hand-written scans, finite differences and each other."""
+"""unroll and truncate: against hand-written scans, finite differences and each other.
+
+The hypergradients and the hand-written references are jitted (eagerly, each scan and
+operation compiled on its own, they were most of this file's time).
+"""
 
 import jax
 import jax.numpy as jnp
@@ -48,17 +52,18 @@ def test_unroll_matches_hand_written_scan():
     lam = jnp.asarray(-0.7)
     out = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.1), steps=37)))(lam, w0, tr, va)
     ref = lambda h: _outer(_hand_unroll(h, w0, tr, 0.1, 37), h, va)  # noqa: E731
-    value, grad = jax.value_and_grad(ref)(lam)
+    value, grad = jax.jit(jax.value_and_grad(ref))(lam)
     np.testing.assert_allclose(out.value, value, rtol=1e-12)
     np.testing.assert_allclose(out.grad, grad, rtol=1e-10)
-    np.testing.assert_allclose(out.params, _hand_unroll(lam, w0, tr, 0.1, 37), rtol=1e-12)
+    np.testing.assert_allclose(out.params, jax.jit(_hand_unroll, static_argnums=(3, 4))(lam, w0, tr, 0.1, 37),
+                               rtol=1e-12)
 
 
 def test_unroll_gradient_matches_finite_differences():
     tr, va = _ridge_data(1)
     w0 = jnp.zeros(4)
     lam = jnp.asarray(0.2)
-    hg = bl.hypergrad(PROBLEM, bl.unroll(optax.adam(0.05), steps=60))
+    hg = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.adam(0.05), steps=60)))
     eps = 1e-6
     fd = (hg(lam + eps, w0, tr, va).value - hg(lam - eps, w0, tr, va).value) / (2 * eps)
     np.testing.assert_allclose(hg(lam, w0, tr, va).grad, fd, rtol=1e-6)
@@ -69,8 +74,8 @@ def test_checkpoint_same_value_and_gradient(steps, k):
     tr, va = _ridge_data(2)
     w0 = jnp.zeros(4)
     lam = jnp.asarray(-1.0)
-    plain = bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.2), steps=steps))(lam, w0, tr, va)
-    ckpt = bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.2), steps=steps, checkpoint=k))(lam, w0, tr, va)
+    plain = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.2), steps=steps)))(lam, w0, tr, va)
+    ckpt = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.2), steps=steps, checkpoint=k)))(lam, w0, tr, va)
     np.testing.assert_allclose(ckpt.value, plain.value, rtol=1e-13)
     np.testing.assert_allclose(ckpt.grad, plain.grad, rtol=1e-11)
 
@@ -90,8 +95,8 @@ def test_truncate_last_equals_steps_is_unroll():
     tr, va = _ridge_data(3)
     w0, lam = jnp.zeros(4), jnp.asarray(-0.5)
     base = bl.unroll(optax.sgd(0.1), steps=30)
-    a = bl.hypergrad(PROBLEM, base)(lam, w0, tr, va)
-    b = bl.hypergrad(PROBLEM, bl.truncate(base, last=30))(lam, w0, tr, va)
+    a = jax.jit(bl.hypergrad(PROBLEM, base))(lam, w0, tr, va)
+    b = jax.jit(bl.hypergrad(PROBLEM, bl.truncate(base, last=30)))(lam, w0, tr, va)
     np.testing.assert_allclose(b.grad, a.grad, rtol=1e-12)
 
 
@@ -100,10 +105,10 @@ def test_truncate_matches_hand_truncation(checkpoint):
     tr, va = _ridge_data(4)
     w0, lam = jnp.full(4, 0.1), jnp.asarray(-0.5)
     method = bl.truncate(bl.unroll(optax.sgd(0.1), steps=30, checkpoint=checkpoint), last=9)
-    out = bl.hypergrad(PROBLEM, method)(lam, w0, tr, va)
-    ref = jax.grad(lambda h: _outer(_hand_unroll(h, w0, tr, 0.1, 30, keep_last=9), h, va))(lam)
+    out = jax.jit(bl.hypergrad(PROBLEM, method))(lam, w0, tr, va)
+    ref = jax.jit(jax.grad(lambda h: _outer(_hand_unroll(h, w0, tr, 0.1, 30, keep_last=9), h, va)))(lam)
     np.testing.assert_allclose(out.grad, ref, rtol=1e-10)
-    full = bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.1), steps=30))(lam, w0, tr, va)
+    full = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.1), steps=30)))(lam, w0, tr, va)
     np.testing.assert_allclose(out.value, full.value, rtol=1e-13)  # forward pass unchanged
     assert not np.allclose(out.grad, full.grad, rtol=1e-6)  # but the derivative is truncated
 
@@ -122,15 +127,17 @@ def test_per_step_batches_used_in_order():
 
         return _outer(jax.lax.scan(step, w0, (xs, ys))[0], h, va)
 
+    hand_value_and_grad = jax.jit(jax.value_and_grad(hand))
+    hand_value, hand_grad = hand_value_and_grad(lam)
     for ckpt in (None, 5):
-        out = bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.3), 12, checkpoint=ckpt))(
+        out = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.3), 12, checkpoint=ckpt)))(
             lam, w0, bl.per_step((xs, ys)), va)
-        np.testing.assert_allclose(out.value, hand(lam), rtol=1e-12)
-        np.testing.assert_allclose(out.grad, jax.grad(hand)(lam), rtol=1e-10)
+        np.testing.assert_allclose(out.value, hand_value, rtol=1e-12)
+        np.testing.assert_allclose(out.grad, hand_grad, rtol=1e-10)
     # Reversed order gives a different answer: the order really is used.
-    rev = bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.3), 12))(
+    rev = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.3), 12)))(
         lam, w0, bl.per_step((xs[::-1], ys[::-1])), va)
-    assert not np.allclose(rev.value, hand(lam), rtol=1e-8)
+    assert not np.allclose(rev.value, hand_value, rtol=1e-8)
 
 
 def test_per_step_truncate_uses_last_batches():
@@ -148,8 +155,8 @@ def test_per_step_truncate_uses_last_batches():
         return _outer(jax.lax.scan(step, w, (xs[6:], ys[6:]))[0], h, va)
 
     method = bl.truncate(bl.unroll(optax.sgd(0.3), 10), last=4)
-    out = bl.hypergrad(PROBLEM, method)(lam, w0, bl.per_step((xs, ys)), va)
-    np.testing.assert_allclose(out.grad, jax.grad(hand)(lam), rtol=1e-10)
+    out = jax.jit(bl.hypergrad(PROBLEM, method))(lam, w0, bl.per_step((xs, ys)), va)
+    np.testing.assert_allclose(out.grad, jax.jit(jax.grad(hand))(lam), rtol=1e-10)
 
 
 def test_learning_rate_as_hyperparameter():
@@ -203,8 +210,8 @@ def test_compiled_size_does_not_grow_with_steps():
 
 def test_grad_norm_stat_is_stationarity():
     tr, va = _ridge_data()
-    short = bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.1), 3))(jnp.asarray(0.0), jnp.zeros(4), tr, va)
-    long = bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.5), 3000))(jnp.asarray(0.0), jnp.zeros(4), tr, va)
+    short = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.1), 3)))(jnp.asarray(0.0), jnp.zeros(4), tr, va)
+    long = jax.jit(bl.hypergrad(PROBLEM, bl.unroll(optax.sgd(0.5), 3000)))(jnp.asarray(0.0), jnp.zeros(4), tr, va)
     expected = jnp.linalg.norm(jax.grad(_inner)(short.params, 0.0, tr))
     np.testing.assert_allclose(short.stats["inner_grad_norm"], expected, rtol=1e-12)
     assert long.stats["inner_grad_norm"] < 1e-10 < short.stats["inner_grad_norm"]
