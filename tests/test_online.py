@@ -126,9 +126,9 @@ def test_per_step_batches_and_step_by_step_equal_run():
     state0 = driver.init(jnp.asarray(-1.0), jnp.zeros(8))
     val = jnp.ones(8) * 0.3
     state, infos = driver.run(state0, bl.per_step(targets), val, 30)
-    stepped = state0
+    stepped, step = state0, jax.jit(driver.step)   # compiled once for the 30 steps
     for t in range(30):
-        stepped, info = driver.step(stepped, targets[t], val)
+        stepped, info = step(stepped, targets[t], val)
         np.testing.assert_allclose(info.hparams, infos.hparams[t], rtol=1e-13)
     np.testing.assert_allclose(stepped.hparams, state.hparams, rtol=1e-13)
 

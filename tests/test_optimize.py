@@ -95,8 +95,8 @@ def test_init_step_under_scan_equals_optimize():
 def test_vmap_over_starting_points():
     driver = bl.hyperopt(EXACT.problem, CLOSED, optax.sgd(LR))
     starts = jnp.array([-1.0, 0.0, 0.5])
-    state = jax.vmap(driver.init, in_axes=(0, None))(starts, EXACT.params0)
-    state, _ = jax.vmap(driver.step, in_axes=(0, None, None))(state, EXACT.inner_batch, EXACT.outer_batch)
+    state = jax.jit(jax.vmap(driver.init, in_axes=(0, None)))(starts, EXACT.params0)
+    state, _ = jax.jit(jax.vmap(driver.step, in_axes=(0, None, None)))(state, EXACT.inner_batch, EXACT.outer_batch)
     expected = [s - LR * float(EXACT.hypergrad(s)) for s in np.asarray(starts)]
     np.testing.assert_allclose(state.variables, expected, rtol=1e-10)
 
@@ -126,9 +126,9 @@ def test_compiles_once_and_data_may_be_a_function_of_the_step():
     assert len(traces) == first, "new hyperparameter values or data recompiled the step"
     # The result equals the same loop written by hand.
     driver = bl.hyperopt(problem, method, optax.sgd(0.1))
-    state = driver.init(jnp.asarray(0.0), EXACT.params0)
+    state, step = driver.init(jnp.asarray(0.0), EXACT.params0), jax.jit(driver.step)   # one compile
     for k in range(6):
-        state, _ = driver.step(state, batches[k % 2], EXACT.outer_batch)
+        state, _ = step(state, batches[k % 2], EXACT.outer_batch)
     again = bl.optimize(problem, method, optax.sgd(0.1), jnp.asarray(0.0), EXACT.params0, data,
                         EXACT.outer_batch, 6, progress=False)
     np.testing.assert_allclose(again.hparams, state.variables, rtol=1e-12)
