@@ -1,8 +1,14 @@
-"""Every public name of `bilevel` is documented, and every docstring example runs."""
+"""Every public name of `bilevel` is documented, and every docstring example runs.
+
+The examples are small, so their time is compilation (most of it LLVM's backend
+optimisation): like the documentation pages (tests/test_docs_pages.py) they run with
+`jax_disable_most_optimizations`.
+"""
 
 import inspect
 import re
 
+import jax
 import pytest
 
 import bilevel as bl
@@ -39,8 +45,18 @@ def test_every_public_function_has_arguments_returns_and_an_example():
         assert "**Returns:**" in inspect.getdoc(fn), fn
 
 
+@pytest.fixture(scope="module")
+def quick_compilation():
+    """Compile with few optimisations while the examples run; restore the setting after."""
+    name = "jax_disable_most_optimizations"
+    previous = jax.config.read(name)
+    jax.config.update(name, True)
+    yield
+    jax.config.update(name, previous)
+
+
 @pytest.mark.parametrize("code", list(_examples()))
-def test_docstring_examples_run(code):
+def test_docstring_examples_run(code, quick_compilation):
     exec(compile(code, "<docstring>", "exec"), {})
 
 
