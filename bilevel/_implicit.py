@@ -76,7 +76,7 @@ def _zero_tangent(primal):
     dtype = jax.dtypes.result_type(primal)
     if not jnp.issubdtype(dtype, jnp.inexact):
         return np.zeros(jnp.shape(primal), jax.dtypes.float0)
-    return jnp.zeros(jnp.shape(primal), dtype)
+    return jnp.zeros_like(primal)   # zeros_like keeps the shard_map axes the primal varies over
 
 
 def _instantiate(t, primal):
