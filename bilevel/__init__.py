@@ -97,6 +97,7 @@ from ._optimize import (
     hyperopt as hyperopt,
     optimize as optimize,
 )
+from ._sampler import Sampler as Sampler, sampler as sampler
 from ._search import SearchResult as SearchResult, grid_search as grid_search, random_search as random_search
 from ._problem import PerStep as PerStep, Problem as Problem, per_step as per_step
 from ._unroll import Truncate as Truncate, Unroll as Unroll, truncate as truncate, unroll as unroll
