@@ -98,6 +98,19 @@ from ._optimize import (
     optimize as optimize,
 )
 from ._sampler import Sampler as Sampler, sampler as sampler
+from ._stochastic import (
+    SABA as SABA,
+    SABAMemory as SABAMemory,
+    SOBA as SOBA,
+    AmIGO as AmIGO,
+    StocBiO as StocBiO,
+    StochasticInfo as StochasticInfo,
+    StochasticState as StochasticState,
+    amigo as amigo,
+    saba as saba,
+    soba as soba,
+    stocbio as stocbio,
+)
 from ._search import SearchResult as SearchResult, grid_search as grid_search, random_search as random_search
 from ._problem import PerStep as PerStep, Problem as Problem, per_step as per_step
 from ._unroll import Truncate as Truncate, Unroll as Unroll, truncate as truncate, unroll as unroll
