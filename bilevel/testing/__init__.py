@@ -10,7 +10,10 @@ the losses, so a method can be checked against it at float64 precision:
 - [`bilevel.testing.UnrolledQuadratic`][]: T gradient-descent steps on a quadratic, with the
   unrolled hypergradient known exactly;
 - [`bilevel.testing.AffineResponse`][]: a best response affine in λ, which a linear
-  hypernet can represent exactly.
+  hypernet can represent exactly;
+- [`bilevel.testing.BilevelQuadratic`][]: the quadratic of benchopt's `benchmark_bilevel`,
+  inner and outer losses that are means of per-sample quadratics (for stochastic methods),
+  with its unique optimal λ.
 
 Problems whose inner solution is defined by an optimality condition rather than by
 `∇_w L_T = 0` (for implicit differentiation through proximal-gradient, projected-gradient,
@@ -51,6 +54,7 @@ from ._check import (
     hypergrad_error as hypergrad_error,
 )
 from ._affine import AffineResponse as AffineResponse
+from ._bench_quadratic import BilevelQuadratic as BilevelQuadratic
 from ._exact import AbstractExactProblem as AbstractExactProblem
 from ._quadratic004 import Quadratic004 as Quadratic004
 from ._ridge import Ridge as Ridge, RidgePerCoordinate as RidgePerCoordinate

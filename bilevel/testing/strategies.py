@@ -30,6 +30,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from ._affine import AffineResponse
+from ._bench_quadratic import BilevelQuadratic
 from ._common import check_int, check_range, check_real, resolve_dtype
 from ._constrained import BoxQP
 from ._quadratic004 import Quadratic004
@@ -432,5 +433,65 @@ def box_qp_problems(
         return BoxQP.sample(draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)),
                             num_hparams=draw_(st.integers(min_k, max_k)),
                             max_condition=max_condition, dtype=dtype)
+
+    return draw()
+
+
+def bilevel_quadratic_problems(
+    *, min_dim=1, max_dim=6, min_samples=1, max_samples=16, max_condition=10.0,
+    hparams_range=(-2.0, 2.0), dtype=None,
+) -> st.SearchStrategy[BilevelQuadratic]:
+    """Draw [`bilevel.testing.BilevelQuadratic`][] instances (benchmark_bilevel's quadratic).
+
+    The numbers of parameters and of hyperparameters are drawn independently in
+    `[min_dim, max_dim]`, and the numbers of inner and outer samples independently in
+    `[min_samples, max_samples]`, so some draws have fewer samples than dimensions (each
+    sample's Hessian then has rank above one).
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the numbers of parameters and of hyperparameters.
+    - `min_samples`, `max_samples`: bounds on the numbers of inner and of outer samples.
+    - `max_condition`: `κ >= 1`: the inner Hessian's condition number is `<= κ` and the
+      value function's Hessian lies between `I/κ` and `(1 + κ) I`.
+    - `hparams_range`: `(low, high)` for the default hyperparameters (one value, broadcast).
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `BilevelQuadratic` instances.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.bilevel_quadratic_problems(max_dim=3, max_samples=4, max_condition=5.0))
+    def test_value_is_strongly_convex(exact):
+        assert np.linalg.eigvalsh(exact.value_hessian()).min() >= 1 / 5.0 - 1e-5
+
+    test_value_is_strongly_convex()
+    ```
+    """
+    where = "bilevel_quadratic_problems"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, hparams_range,
+                                     -np.inf, dtype)
+    min_n = check_int(min_samples, "min_samples", where, 1, 1)
+    max_n = check_int(max_samples, "max_samples", where, 1, 16)
+    if max_n < min_n:
+        raise ValueError(f"{where} requires min_samples <= max_samples; got {min_n} and "
+                         f"{max_n}. Raise max_samples or lower min_samples.")
+
+    @st.composite
+    def draw(draw_):
+        dims, sizes = st.integers(min_dim, max_dim), st.integers(min_n, max_n)
+        return BilevelQuadratic.sample(
+            draw_(_SEEDS), dim_inner=draw_(dims), dim_outer=draw_(dims),
+            n_samples=draw_(sizes), n_samples_outer=draw_(sizes),
+            max_condition=max_condition, lam=draw_(_floats_in(hparams_range)), dtype=dtype,
+        )
 
     return draw()
