@@ -5,6 +5,9 @@
 - `mnist(path)`: MNIST read from an `.npz` file you give (keys `x_train`, `y_train`, `x_test`,
   `y_test`); nothing is downloaded.
 - `load(name, path=None, **kwargs)`: either of the above by name, e.g. from a command line.
+- `data_cleaning(...)`, `logreg_per_feature(...)`: benchopt `benchmark_bilevel`'s data
+  cleaning and per-feature-ridge logistic regression on either dataset, as ready-made
+  bilevel problems (`BenchProblem`) whose losses are means over rows.
 
 Every split is a tuple `(X, y)` of numpy arrays, `X` float32 of shape `(n, features)` and `y`
 int32 labels, and is a deterministic function of `seed`. The training split is the inner
@@ -441,3 +444,11 @@ def load(name: str, path: str | os.PathLike | None = None, **kwargs) -> Dataset:
             "--data-path PATH); see bilevel.datasets.mnist for the expected format."
         )
     return mnist(path, **kwargs)
+
+
+# At the end: bilevel._bench_problems imports this module (lazily, inside its functions).
+from ._bench_problems import (
+    BenchProblem as BenchProblem,
+    data_cleaning as data_cleaning,
+    logreg_per_feature as logreg_per_feature,
+)
