@@ -31,14 +31,24 @@ class AbstractMethod(eqx.Module):
         backward linear solve out of reverse-mode differentiation (see `_implicit.py`).
         """
 
-    def _probe(self, dtype) -> Stats:
-        """Zero scalars whose cotangents carry backward-pass diagnostics (none by default)."""
-        del dtype
+    def _probe(self, dtype, params, adjoint0) -> PyTree:
+        """Zeros whose cotangents carry backward-pass diagnostics (none by default).
+
+        `adjoint0` is a warm start for the backward linear solve; only `implicit` has one.
+        """
+        del dtype, params
+        if adjoint0 is not None:
+            raise TypeError(
+                "hypergrad(...)(..., adjoint0=v) warm-starts the backward linear solve of "
+                f"bilevel.implicit; {type(self).__name__} has no linear solve. Drop adjoint0 "
+                "(and warm_start_solve in hyperopt/optimize) for this method."
+            )
         return {}
 
-    def _finalize(self, probe_cotangent: Stats) -> Stats:
-        """Turn the probe's cotangent into reported stats (natural dtypes)."""
-        return probe_cotangent
+    def _finalize(self, probe_cotangent) -> tuple[Stats, PyTree]:
+        """Turn the probe's cotangent into `(stats, adjoint)`: reported stats (natural
+        dtypes) and the backward solve's solution (None without a linear solve)."""
+        return probe_cotangent, None
 
     def _check_batch(self, inner_batch) -> None:
         """Check the inner batch against the method's settings (step count) at trace time."""

@@ -30,12 +30,17 @@ class HypergradResult(NamedTuple):
       `solve_negative_curvature` (CG), or `neumann_last_term`, `neumann_ratio` and
       `neumann_diverged` (Neumann); `truncated_steps` for `truncate`; `jacobian_norm` and
       `clip_fraction` for `forward_mode`.
+    - `adjoint`: for `implicit`, the solution x of the backward linear system Jᵀx = ∂L_V/∂w
+      (J the condition's Jacobian, the inner Hessian H under stationarity; the
+      hypergradient is ∂L_V/∂λ − (∂F/∂λ)ᵀx). Pass it back as `adjoint0=` at the next
+      outer step to warm-start that solve. `None` for methods without a linear solve.
     """
 
     value: jax.Array
     grad: PyTree
     params: PyTree
     stats: dict
+    adjoint: PyTree = None
 
 
 def _check_problem_method(problem, method, where: str) -> None:
@@ -138,7 +143,7 @@ def response(problem: Problem, method: AbstractMethod) -> Callable:
         _check_call(problem, method, hparams, params0, inner_batch)
         split, arrays, full = _split_params(problem, method, params0)
         arrays = _vary_like(arrays, hparams, inner_batch)
-        probe = _vary_like(method._probe(_probe_dtype(arrays)), hparams, inner_batch)
+        probe = _vary_like(method._probe(_probe_dtype(arrays), arrays, None), hparams, inner_batch)
         params, _ = method._run(split, hparams, arrays, inner_batch, probe)
         return full(params)
 
@@ -162,8 +167,13 @@ def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
 
     **Returns:**
 
-    `hg(hparams, params0, inner_batch, outer_batch) -> HypergradResult` with fields
-    `value`, `grad` (same tree as `hparams`), `params` and `stats`.
+    `hg(hparams, params0, inner_batch, outer_batch, adjoint0=None) -> HypergradResult`
+    with fields `value`, `grad` (same tree as `hparams`), `params`, `stats` and `adjoint`.
+    For `implicit`, `adjoint0` warm-starts the backward linear solve (pass the previous
+    outer step's `result.adjoint`; `bilevel.hyperopt(..., warm_start_solve=True)` does it
+    for you): iterative solvers then need fewer iterations, `neumann` continues its
+    Richardson iteration from there, and `stats["solve_residual"]` reports how well the
+    system is solved either way. Other methods refuse `adjoint0`.
 
     **Example:**
 
@@ -183,8 +193,9 @@ def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
     """
     _check_problem_method(problem, method, "hypergrad(problem, method)")
 
-    def hg(hparams, params0, inner_batch, outer_batch):
-        hparams, params0, inner_batch, outer_batch = canonical((hparams, params0, inner_batch, outer_batch))
+    def hg(hparams, params0, inner_batch, outer_batch, adjoint0=None):
+        hparams, params0, inner_batch, outer_batch, adjoint0 = canonical(
+            (hparams, params0, inner_batch, outer_batch, adjoint0))
         _check_call(problem, method, hparams, params0, inner_batch, outer_batch, outer=True)
         split, arrays, full = _split_params(problem, method, params0)
         method._check_memory(hparams, arrays)
@@ -194,11 +205,12 @@ def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
             params, stats = method._run(split, h, arrays, inner_batch, probe)
             return split.outer(params, h, outer_batch), (params, stats)
 
-        probe = _vary_like(method._probe(_probe_dtype(arrays)), hparams, inner_batch, outer_batch)
-        (value, (params, stats)), (grad, solve_stats) = jax.value_and_grad(
+        probe = _vary_like(method._probe(_probe_dtype(arrays), arrays, adjoint0),
+                           hparams, inner_batch, outer_batch)
+        (value, (params, stats)), (grad, probe_cotangent) = jax.value_and_grad(
             loss, argnums=(0, 1), has_aux=True
         )(hparams, probe)
-        stats = {**stats, **method._finalize(solve_stats)}
-        return HypergradResult(value, grad, full(params), stats)
+        solve_stats, adjoint = method._finalize(probe_cotangent)
+        return HypergradResult(value, grad, full(params), {**stats, **solve_stats}, adjoint)
 
     return hg

@@ -23,15 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from ._base import AbstractMethod, grad_norm_stats
+from ._base import AbstractMethod, grad_norm_stats, tree_norm
 from ._best_response import BestResponse
 from ._linear_solvers import AbstractLinearSolver
 from ._optimality import AbstractCondition, ProxFixedPoint, Stationary
 from ._proximal import ProximalGradient
-from ._problem import PerStep, tree_summary
+from ._problem import PerStep, tree_summary, typed_summary
 from ._unroll import Truncate, Unroll
 
 _tmap = jax.tree_util.tree_map
+PyTree = object
+_CURVATURES = ("mean", "last", "given", "per_term")
 
 
 class Solver(AbstractMethod):
@@ -104,6 +106,16 @@ def _link(tree):
     return _tmap(lambda t: t + total.astype(t.dtype), tree)
 
 
+class _Probe(eqx.Module):
+    """The stats probe of an implicit method: zero stats whose cotangents carry the backward
+    solve's diagnostics, and an adjoint block whose primal value is the solve's warm start
+    (used when `warm`) and whose cotangent is the solve's solution."""
+
+    stats: dict
+    adjoint: PyTree
+    warm: bool = eqx.field(static=True)
+
+
 def _all_zero(tangents) -> bool:
     leaves = jax.tree_util.tree_leaves(tangents, is_leaf=lambda x: isinstance(x, SymbolicZero))
     return all(isinstance(t, SymbolicZero) for t in leaves)
@@ -115,6 +127,7 @@ class Implicit(AbstractMethod):
     method: AbstractMethod
     linear_solver: AbstractLinearSolver
     condition: AbstractCondition = Stationary()
+    curvature: str = eqx.field(static=True, default="mean")
 
     def __check_init__(self):
         if isinstance(self.method, (Implicit, Truncate)):
@@ -145,6 +158,20 @@ class Implicit(AbstractMethod):
                 "bilevel.stationary, prox_fixed_point, projected_fixed_point, kkt or fixed_point; "
                 f"got {type(self.condition).__name__} {self.condition!r}."
             )
+        if self.curvature not in _CURVATURES:
+            raise ValueError(
+                "implicit(..., curvature=...) requires one of 'mean' (the mean over per-step "
+                "minibatches), 'last' (the last minibatch), 'given' (the batch passed as "
+                "per_step(..., curvature=batch)) or 'per_term' (a fresh minibatch per Neumann "
+                f"term or CG iteration); got curvature={self.curvature!r}."
+            )
+        if self.curvature == "per_term" and not self.linear_solver.per_term:
+            raise ValueError(
+                "implicit(..., curvature='per_term') uses a different minibatch's Hessian at "
+                "each term or iteration, which only bilevel.neumann(...), bilevel.cg(...) and "
+                f"bilevel.identity() support; got {type(self.linear_solver).__name__}. Use one "
+                "of those, or curvature='mean' / 'last' / 'given' with any solver."
+            )
         if self.linear_solver.symmetric_only and not self.condition.symmetric():
             raise ValueError(
                 f"implicit(...): {type(self.linear_solver).__name__} is only valid for symmetric "
@@ -153,28 +180,103 @@ class Implicit(AbstractMethod):
                 "bilevel.bicgstab(), bilevel.normal_cg() or bilevel.exact()."
             )
 
-    def _probe(self, dtype):
-        return self.linear_solver.stats_template(dtype)
+    def _probe(self, dtype, params, adjoint0):
+        warm = adjoint0 is not None
+        if warm:
+            check_adjoint(adjoint0, params)
+        adjoint = _tmap(jnp.asarray, adjoint0) if warm else _tmap(jnp.zeros_like, params)
+        return _Probe(self.linear_solver.stats_template(dtype), adjoint, warm)
 
     def _allows_complex(self) -> bool:
         return False
 
     def _finalize(self, probe_cotangent):
-        return self.linear_solver.finalize(probe_cotangent)
+        return self.linear_solver.finalize(probe_cotangent.stats), probe_cotangent.adjoint
 
     def _check_batch(self, inner_batch) -> None:
         if isinstance(inner_batch, PerStep):
+            if not isinstance(self.condition, Stationary):
+                raise ValueError(
+                    "implicit(...) with per_step(...) inner data supports the stationarity "
+                    f"condition only; got {type(self.condition).__name__}. Pass the full "
+                    "training batch for a proximal, projected, KKT or fixed-point condition."
+                )
+            if self.curvature == "given" and inner_batch.curvature is None:
+                raise ValueError(
+                    "implicit(..., curvature='given') takes the Hessian and cross derivative "
+                    "from the batch passed as per_step(stacked, curvature=batch); got "
+                    "per_step(...) data without one. Pass curvature=batch to per_step, or use "
+                    "curvature='mean', 'last' or 'per_term'."
+                )
+        elif self.curvature == "given":
             raise ValueError(
-                "implicit(...) differentiates at the point the forward solve reached using the "
-                "training loss on one batch; got per_step(...) inner data, for which that batch "
-                "is ambiguous. Pass the full training batch (sample minibatches inside "
-                "bilevel.solver(fn) if the forward solve is stochastic), or use bilevel.unroll "
-                "to differentiate through per-step data."
+                "implicit(..., curvature='given') takes the curvature batch from "
+                "per_step(stacked, curvature=batch); got a plain inner batch, which the "
+                "implicit function theorem uses whole anyway. Drop curvature='given', or pass "
+                "per_step(...) data."
             )
         self.method._check_batch(inner_batch)
 
     def _run(self, problem, hparams, params0, batch, probe):
         return _implicit_response(self, problem)(hparams, params0, batch, probe)
+
+
+def check_adjoint(adjoint0, params) -> None:
+    """Raise unless a warm start for the backward solve has the layout of the inner params."""
+    same = jax.tree_util.tree_structure(adjoint0) == jax.tree_util.tree_structure(params) and all(
+        jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+        for a, b in zip(jax.tree_util.tree_leaves(adjoint0), jax.tree_util.tree_leaves(params)))
+    if not same:
+        raise ValueError(
+            "hypergrad(...)(..., adjoint0=v) requires v to have the tree, shapes and dtypes of "
+            f"the inner params {typed_summary(params)}; got {typed_summary(adjoint0)}. Pass the "
+            "`adjoint` of an earlier hypergrad result of the same problem, or None."
+        )
+
+
+def _mean_over_steps(fn, batches):
+    """The mean of `fn(batch_t)` over the per-step batches, accumulated in a `lax.scan` (so
+    memory does not grow with the number of steps)."""
+    first = jax.tree_util.tree_map(lambda x: x[0], batches)
+    rest = jax.tree_util.tree_map(lambda x: x[1:], batches)
+    total, _ = jax.lax.scan(lambda acc, b: (_tmap(jnp.add, acc, fn(b)), None), fn(first), rest)
+    count = jax.tree_util.tree_leaves(batches)[0].shape[0]
+    return _tmap(lambda t: t / count, total)
+
+
+def _step_batch(batches, k):
+    """Per-step batch `k mod T` (a traced k)."""
+    count = jax.tree_util.tree_leaves(batches)[0].shape[0]
+    return _tmap(lambda x: x[k % count], batches)
+
+
+def _residuals(F, curvature: str):
+    """`(F_system, F_cross, F_term)`: the condition on the data the IFT uses.
+
+    With one batch all three are F itself. With per-step data, F_system (the Jacobian of the
+    linear system and the stats) and F_cross (the cross derivative) are the mean over the
+    minibatches, the last one, or the given curvature batch; under "per_term" the system is
+    the mean (for the reported residual), the cross derivative the last minibatch, and
+    F_term(w, h, batch, k) the condition on minibatch k mod T for term/iteration k.
+    """
+    def system(w, h, b):
+        if not isinstance(b, PerStep):
+            return F(w, h, b)
+        if curvature in ("mean", "per_term"):
+            return _mean_over_steps(lambda x: F(w, h, x), b.batches)
+        if curvature == "given":
+            return F(w, h, b.curvature)
+        return F(w, h, _tmap(lambda x: x[-1], b.batches))
+
+    def cross(w, h, b):
+        if isinstance(b, PerStep) and curvature == "per_term":
+            return F(w, h, _tmap(lambda x: x[-1], b.batches))
+        return system(w, h, b)
+
+    def term(w, h, b, k):
+        return F(w, h, _step_batch(b.batches, k))
+
+    return system, cross, term
 
 
 def _why_not_symmetric(condition) -> str:
@@ -202,11 +304,14 @@ def _restrict(mask, jvp, rhs):
     return matvec, c
 
 
-def _condition_stats(condition, problem, params, hparams, batch, stats):
+def _condition_stats(condition, problem, params, hparams, batch, stats, system):
     """The forward method's stats with the residual of the condition being differentiated:
-    `inner_grad_norm` for stationarity, `optimality_residual` for any other condition."""
+    `inner_grad_norm` for stationarity, `optimality_residual` for any other condition.
+    With per-step data, `inner_grad_norm` is that of the data the IFT uses (`system`)."""
     args = jax.lax.stop_gradient((params, hparams, batch))
     if isinstance(condition, Stationary):
+        if isinstance(batch, PerStep):
+            return {**stats, "inner_grad_norm": tree_norm(system(*args))}
         if "inner_grad_norm" in stats:          # unroll, solver and best_response report it
             return stats
         stats = {k: v for k, v in stats.items() if k != "optimality_residual"}
@@ -222,6 +327,7 @@ def _condition_stats(condition, problem, params, hparams, batch, stats):
 def _implicit_response(method: Implicit, problem):
     condition = method.condition
     F = lambda w, h, b: condition.residual(problem, w, h, b)  # noqa: E731
+    F_system, F_cross, F_term = _residuals(F, method.curvature)
     linsolve = method.linear_solver
     symmetric = condition.symmetric()
 
@@ -230,7 +336,8 @@ def _implicit_response(method: Implicit, problem):
         del probe
         primals = jax.lax.stop_gradient((hparams, params0, batch))
         params, stats = method.method._run(problem, *primals, {})
-        return params, _condition_stats(condition, problem, params, primals[0], primals[2], stats)
+        return params, _condition_stats(condition, problem, params, primals[0], primals[2], stats,
+                                        F_system)
 
     def respond_jvp(primals, tangents):
         hparams, params0, batch, probe = primals
@@ -243,32 +350,41 @@ def _implicit_response(method: Implicit, problem):
 
         d_hparams = _tmap(_instantiate, d_hparams, hparams, is_leaf=lambda x: isinstance(x, SymbolicZero))
         d_batch = _tmap(_instantiate, d_batch, batch, is_leaf=lambda x: isinstance(x, SymbolicZero))
-        _, cross = jax.jvp(lambda h, b: F(params, h, b), (hparams, batch), (d_hparams, d_batch))
+        _, cross = jax.jvp(lambda h, b: F_cross(params, h, b), (hparams, batch), (d_hparams, d_batch))
         # Leaves of w that λ does not touch (an unpenalised bias) get a constant zero from
         # jvp; transposing custom_linear_solve needs every right-hand-side leaf linear in the
         # input tangent, so add a numerically-zero linear anchor to each.
         anchor = _zero_anchor((d_hparams, d_batch))
         rhs = _tmap(lambda c: anchor.astype(c.dtype) - c, cross)
-        _, jvp = jax.linearize(lambda w: F(w, hparams, batch), params)
+        _, jvp = jax.linearize(lambda w: F_system(w, hparams, batch), params)
         mask = condition.support(problem, *jax.lax.stop_gradient((params, hparams, batch)))
         matvec, rhs = (jvp, rhs) if mask is None else _restrict(mask, jvp, rhs)
+        matvec_at = None
+        if method.curvature == "per_term" and isinstance(batch, PerStep):
+            def matvec_at(v, k):
+                return jax.jvp(lambda w: F_term(w, hparams, batch, k), (params,), (v,))[1]
+        x0 = probe.adjoint if probe.warm else None
+        solve = lambda mv, b: linsolve.solve(mv, b, x0=x0, matvec_at=matvec_at)  # noqa: E731
 
         if _all_zero(d_probe):
-            solve = lambda mv, b: linsolve.solve(mv, b)[0]  # noqa: E731
             d_params = _link(jax.lax.custom_linear_solve(
-                matvec, rhs, solve, None if symmetric else solve, symmetric=symmetric))
+                matvec, rhs, lambda mv, b: solve(mv, b)[0], None if symmetric else (lambda mv, b: solve(mv, b)[0]),
+                symmetric=symmetric))
         else:
             # Augmented block-diagonal system diag(J, I) (x, s) = (rhs, d_probe): the solver's
-            # stats are written into the s block, so reverse mode returns them as the
-            # probe's cotangent (see the module docstring).
+            # stats, and its solution x, are written into the s block, so reverse mode returns
+            # them as the probe's cotangent (see the module docstring).
             d_probe = _tmap(_instantiate, d_probe, probe, is_leaf=lambda x: isinstance(x, SymbolicZero))
 
             def aug_matvec(x):
                 return matvec(x[0]), x[1]
 
             def aug_solve(mv, b):
-                x, solve_stats = linsolve.solve(lambda v: mv((v, _tmap(jnp.zeros_like, b[1])))[0], b[0])
-                return x, _tmap(lambda z, s: s.astype(z.dtype), b[1], solve_stats)
+                x, solve_stats = solve(lambda v: mv((v, _tmap(jnp.zeros_like, b[1])))[0], b[0])
+                s = b[1]
+                stats_block = _tmap(lambda z, v: v.astype(z.dtype), s.stats, solve_stats)
+                adjoint_block = _tmap(lambda z, v: v.astype(z.dtype), s.adjoint, x)
+                return x, _Probe(stats_block, adjoint_block, s.warm)
 
             d_params, d_stats = jax.lax.custom_linear_solve(
                 aug_matvec, (rhs, d_probe), aug_solve, None if symmetric else aug_solve,
@@ -282,7 +398,7 @@ def _implicit_response(method: Implicit, problem):
 
 
 def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
-             condition: AbstractCondition | None = None) -> Implicit:
+             condition: AbstractCondition | None = None, *, curvature: str = "mean") -> Implicit:
     """Differentiate the inner solution by the implicit function theorem (IFT).
 
     The forward pass runs `method` (an unroll, a proximal-gradient run, a user solver or a
@@ -319,6 +435,26 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
     reports `solve_negative_curvature` when H is indefinite, and `gmres` or `exact` solve it.
     `gmres`, `bicgstab`, `normal_cg` and `exact` solve any nonsingular system.
 
+    Stochastic training data: when the forward method trains on `bilevel.per_step(...)`
+    minibatches, `curvature` says which training data defines the Hessian H and the cross
+    derivative ∂²L_T/∂λ∂w of the IFT:
+
+    | `curvature` | H and the cross derivative on | cost per Hessian-vector product |
+    |---|---|---|
+    | `"mean"` (default) | the mean loss over all T minibatches (the full batch they form): the deterministic hypergradient | T minibatch products |
+    | `"last"` | the last minibatch | one |
+    | `"given"` | the batch passed as `per_step(stacked, curvature=batch)` (e.g. a larger one) | one on that batch |
+    | `"per_term"` | term k of the Neumann series (iteration k of CG) on minibatch k mod T, the cross derivative on the last | one |
+
+    `"per_term"` is the stochastic Neumann estimate of Lorraine et al. (2020) and StocBiO:
+    when the minibatches are independent draws and `terms` < T − 1, its mean over draws is
+    exactly the full-batch truncated series, α Σ_j (I − αH̄)^j, while `"last"` (one
+    minibatch for every term) is biased, E[(I − αH_B)^j] ≠ (I − αH̄)^j. Neither is the
+    exact hypergradient: `stats["solve_residual"]` is reported against the mean Hessian
+    (one pass over the T minibatches) and `stats["inner_grad_norm"]` is the stationarity
+    of the mean loss (`"given"`/`"last"`: of that batch). With one inner batch (not
+    `per_step`) every choice is that batch.
+
     **Arguments:**
 
     - `method`: a forward method from `bilevel.unroll`, `bilevel.solver`,
@@ -328,6 +464,8 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
       `normal_cg(...)`, `neumann(...)` or `identity()`.
     - `condition`: the optimality condition (default: `bilevel.stationary()`, or the
       proximal-gradient fixed point of a `bilevel.proximal_gradient` method).
+    - `curvature`: which training data the IFT uses with `per_step` inner data: `"mean"`,
+      `"last"`, `"given"` or `"per_term"` (`neumann`, `cg` or `identity` only); see above.
 
     **Returns:**
 
@@ -355,11 +493,19 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
                          bl.cg(tol=1e-12))
     out = bl.hypergrad(lasso, method)(jnp.log(0.5), jnp.zeros(2), None, None)
     print(out.grad, out.stats["support_size"])    # -0.75 (= -(2 - 0.5)·0.5), 1
+
+    # Minibatch training, stochastic Neumann hypergradient (a fresh minibatch per term).
+    ridge = bl.Problem(inner=lambda w, lam, b: 0.5 * jnp.mean((b[0] @ w - b[1]) ** 2) + 0.5 * lam * w @ w,
+                       outer=lambda w, lam, b: 0.5 * jnp.sum((w - 0.5) ** 2))
+    xs, ys = jnp.ones((200, 8, 3)), jnp.ones((200, 8))          # 200 steps of 8 rows
+    method = bl.implicit(bl.unroll(optax.sgd(0.1), steps=200), bl.neumann(terms=50, alpha=0.2),
+                         curvature="per_term")
+    out = bl.hypergrad(ridge, method)(jnp.asarray(0.3), jnp.zeros(3), bl.per_step((xs, ys)), None)
     ```
     """
     if condition is None:
         condition = method.condition() if isinstance(method, ProximalGradient) else Stationary()
-    return Implicit(method, linear_solver, condition)
+    return Implicit(method, linear_solver, condition, curvature)
 
 
 def solver(fn: Callable) -> Solver:

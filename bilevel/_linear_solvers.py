@@ -93,21 +93,36 @@ class AbstractLinearSolver(eqx.Module):
 
     `symmetric_only` is True for solvers that are only valid for symmetric systems (CG);
     `bilevel.implicit` refuses them for a condition whose linear system is not symmetric.
+    `per_term` is True for solvers that can apply a different operator at each term or
+    iteration (`curvature="per_term"`: a fresh minibatch's Hessian per Neumann term).
     """
 
     symmetric_only: ClassVar[bool] = False
+    per_term: ClassVar[bool] = False
 
-    def solve(self, matvec, b):
+    def solve(self, matvec, b, *, x0=None, matvec_at=None):
         """Return `(x, stats)` with `x ≈ H⁻¹ b` for `H = matvec`.
 
         The system is normalised first (b divided by its largest absolute entry), so tiny
         or huge right-hand sides are solved like ones of order one; a non-finite b gives a
         NaN solution (and NaN residual) instead of the zeros an unstarted iteration returns.
+
+        `x0` is an initial guess (a warm start: the previous outer step's solution); `None`
+        starts from zero. `matvec_at(v, k)`, where supported (`per_term`), is the operator
+        used at term or iteration `k` (a Hessian on the k-th minibatch); the residual is
+        still reported for `matvec`.
         """
         scale = jnp.asarray(_max_abs(b))
         finite = jnp.isfinite(scale)
         safe = jnp.where(finite & (scale > 0), scale, 1.0)
-        x, stats = self._solve(matvec, _tmap(lambda v: v / safe.astype(v.dtype), b), safe)
+        normalise = lambda t: _tmap(lambda v: v / safe.astype(v.dtype), t)  # noqa: E731
+        x0 = None if x0 is None else normalise(x0)
+        if matvec_at is not None and not self.per_term:
+            raise ValueError(
+                f"{type(self).__name__} cannot use a different operator per iteration; "
+                "curvature='per_term' needs bilevel.neumann(...) or bilevel.cg(...)."
+            )
+        x, stats = self._solve(matvec, normalise(b), safe, x0, matvec_at)
         nan = jnp.asarray(jnp.nan)
         x = _tmap(lambda v: jnp.where(finite, v * safe.astype(v.dtype), nan.astype(v.dtype)), x)
         stats = {k: jnp.where(finite | (k != "solve_residual"), v, nan.astype(v.dtype))
@@ -115,8 +130,10 @@ class AbstractLinearSolver(eqx.Module):
         return x, stats
 
     @abc.abstractmethod
-    def _solve(self, matvec, b, scale):
-        """Solve with `b` divided by `scale` (its largest entry is then ±1): `(x, stats)`."""
+    def _solve(self, matvec, b, scale, x0, matvec_at):
+        """Solve with `b` and `x0` divided by `scale` (b's largest entry is then ±1):
+        `(x, stats)`. `x0` is None for a cold start; `matvec_at` is None unless the solver
+        is `per_term`."""
 
     @abc.abstractmethod
     def stats_template(self, dtype) -> dict:
@@ -134,6 +151,13 @@ class AbstractLinearSolver(eqx.Module):
         return out
 
 
+def _start(op, b, x0):
+    """`(x0, b − H x0)`: zero and b for a cold start (no operator applied), else a warm start."""
+    if x0 is None:
+        return _tmap(jnp.zeros_like, b), b
+    return x0, _tmap(jnp.subtract, b, op(x0, jnp.zeros((), jnp.int32)))
+
+
 def _zeros(dtype, *keys):
     return {k: jnp.zeros((), dtype) for k in keys}
 
@@ -141,8 +165,8 @@ def _zeros(dtype, *keys):
 class Exact(AbstractLinearSolver):
     """Dense solve: materialise H and call `jnp.linalg.solve`. See `bilevel.exact`."""
 
-    def _solve(self, matvec, b, scale):
-        del scale
+    def _solve(self, matvec, b, scale, x0, matvec_at):
+        del scale, x0, matvec_at
         flat_b, unravel = ravel_pytree(b)
         flat_mv = lambda v: ravel_pytree(matvec(unravel(v)))[0]  # noqa: E731
         eye = jnp.eye(flat_b.size, dtype=flat_b.dtype)
@@ -163,6 +187,7 @@ class CG(AbstractLinearSolver):
     tol: float = eqx.field(static=True)
     atol: float = eqx.field(static=True, default=0.0)
     symmetric_only: ClassVar[bool] = True
+    per_term: ClassVar[bool] = True
 
     def __check_init__(self):
         where = "cg(maxiter, tol, atol=0.0)"
@@ -170,8 +195,9 @@ class CG(AbstractLinearSolver):
         _check_number(self.tol, "tol", where, positive=False)
         _check_number(self.atol, "atol", where, positive=False)
 
-    def _solve(self, matvec, b, scale):
+    def _solve(self, matvec, b, scale, x0, matvec_at):
         bnorm2 = tree_vdot(b, b)
+        op = (lambda v, k: matvec(v)) if matvec_at is None else matvec_at  # noqa: E731
         atol = float(self.atol) / scale  # b was divided by `scale`, so is the absolute tolerance
         stop2 = jnp.maximum(float(self.tol) ** 2 * bnorm2, (atol**2).astype(bnorm2.dtype))
 
@@ -180,7 +206,7 @@ class CG(AbstractLinearSolver):
 
         def body(state):
             x, r, p, rs, k, negative = state
-            ap = matvec(p)
+            ap = op(p, k)
             pap = tree_vdot(p, ap)
             alpha = rs / jnp.where(pap != 0, pap, 1.0)
             x = _tmap(lambda xi, pi: xi + alpha * pi, x, p)
@@ -190,8 +216,9 @@ class CG(AbstractLinearSolver):
             p = _tmap(lambda ri, pi: ri + beta * pi, r, p)
             return x, r, p, rs_new, k + 1, negative | (pap <= 0)
 
-        x0 = _tmap(jnp.zeros_like, b)
-        init = (x0, b, b, bnorm2, jnp.zeros((), jnp.int32), bnorm2 < 0)  # False, varying like b
+        x0, r0 = _start(op, b, x0)
+        rs0 = tree_vdot(r0, r0)
+        init = (x0, r0, r0, rs0, jnp.zeros((), jnp.int32), bnorm2 < 0)  # False, varying like b
         x, _, _, _, k, negative = jax.lax.while_loop(cond, body, init)
         dtype = jnp.result_type(bnorm2)
         return x, {
@@ -217,11 +244,11 @@ class GMRES(AbstractLinearSolver):
         _check_count(self.restart, "restart", where, 1)
         _check_number(self.tol, "tol", where, positive=False)
 
-    def _solve(self, matvec, b, scale):
-        del scale
+    def _solve(self, matvec, b, scale, x0, matvec_at):
+        del scale, matvec_at
         x, _ = jax.scipy.sparse.linalg.gmres(
-            matvec, b, tol=float(self.tol), atol=0.0, restart=self.restart, maxiter=self.maxiter,
-            solve_method="batched",
+            matvec, b, x0, tol=float(self.tol), atol=0.0, restart=self.restart,
+            maxiter=self.maxiter, solve_method="batched",
         )
         return x, {"solve_residual": _relative_residual(matvec, x, b)}
 
@@ -240,9 +267,9 @@ class BiCGStab(AbstractLinearSolver):
         _check_count(self.maxiter, "maxiter", where, 1)
         _check_number(self.tol, "tol", where, positive=False)
 
-    def _solve(self, matvec, b, scale):
-        del scale
-        x, _ = jax.scipy.sparse.linalg.bicgstab(matvec, b, tol=float(self.tol), atol=0.0,
+    def _solve(self, matvec, b, scale, x0, matvec_at):
+        del scale, matvec_at
+        x, _ = jax.scipy.sparse.linalg.bicgstab(matvec, b, x0, tol=float(self.tol), atol=0.0,
                                                 maxiter=self.maxiter)
         return x, {"solve_residual": _relative_residual(matvec, x, b)}
 
@@ -261,10 +288,11 @@ class NormalCG(AbstractLinearSolver):
         _check_count(self.maxiter, "maxiter", where, 1)
         _check_number(self.tol, "tol", where, positive=False)
 
-    def _solve(self, matvec, b, scale):
+    def _solve(self, matvec, b, scale, x0, matvec_at):
+        del matvec_at
         transpose = jax.linear_transpose(matvec, b)
         normal = lambda v: transpose(matvec(v))[0]  # noqa: E731
-        x, stats = CG(self.maxiter, self.tol)._solve(normal, transpose(b)[0], scale)
+        x, stats = CG(self.maxiter, self.tol)._solve(normal, transpose(b)[0], scale, x0, None)
         return x, {"solve_residual": _relative_residual(matvec, x, b),
                    "solve_iterations": stats["solve_iterations"]}
 
@@ -277,27 +305,34 @@ class Neumann(AbstractLinearSolver):
 
     terms: int = eqx.field(static=True)
     alpha: float = eqx.field(static=True)
+    per_term: ClassVar[bool] = True
 
     def __check_init__(self):
         where = "neumann(terms, alpha)"
         _check_count(self.terms, "terms", where, 0)
         _check_number(self.alpha, "alpha", where, positive=True)
 
-    def _solve(self, matvec, b, scale):
+    def _solve(self, matvec, b, scale, x0, matvec_at):
+        # From a warm start x0 the series is applied to the residual b − H x0 and added to
+        # x0 (Richardson iteration from x0); from zero that is the plain series.
+        op = (lambda v, k: matvec(v)) if matvec_at is None else matvec_at  # noqa: E731
         alpha = float(self.alpha)  # a Python float keeps b's dtype (np.float64 would promote it)
-        first = _tmap(lambda x: alpha * x, b)
+        x0, r0 = _start(op, b, x0)
+        first = _tmap(lambda x: alpha * x, r0)
         n0 = tree_norm(first)
 
-        def step(carry, _):
+        def step(carry, k):
             term, total, norm, max_ratio = carry
-            term = _tmap(lambda t, ht: t - alpha * ht, term, matvec(term))
+            term = _tmap(lambda t, ht: t - alpha * ht, term, op(term, k))
             new_norm = tree_norm(term)
             ratio = new_norm / jnp.where(norm > 0, norm, 1.0)
             max_ratio = jnp.maximum(max_ratio, jnp.where(norm > 0, ratio, 0.0))
             return (term, _tmap(jnp.add, total, term), new_norm, max_ratio), None
 
         init = (first, first, n0, jnp.zeros_like(n0))
-        (term, total, norm, max_ratio), _ = jax.lax.scan(step, init, None, length=self.terms)
+        ks = jnp.arange(self.terms, dtype=jnp.int32)
+        (term, total, norm, max_ratio), _ = jax.lax.scan(step, init, ks, length=self.terms)
+        total = _tmap(jnp.add, x0, total)
         finite = jnp.all(jnp.isfinite(norm)) & jnp.isfinite(tree_norm(total))
         diverged = ~(max_ratio < 1.0) | ~finite  # written so that NaN counts as diverged
         return total, {
@@ -314,8 +349,10 @@ class Neumann(AbstractLinearSolver):
 class Identity(AbstractLinearSolver):
     """H⁻¹ ≈ I: the one-step / T1−T2 / greedy approximation. See `bilevel.identity`."""
 
-    def _solve(self, matvec, b, scale):
-        del scale
+    per_term: ClassVar[bool] = True     # no operator is applied at all
+
+    def _solve(self, matvec, b, scale, x0, matvec_at):
+        del scale, x0, matvec_at
         return b, {"solve_residual": _relative_residual(matvec, b, b)}
 
     def stats_template(self, dtype):

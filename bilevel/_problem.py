@@ -70,9 +70,10 @@ class PerStep(eqx.Module):
     """
 
     batches: PyTree
+    curvature: PyTree = None
 
 
-def per_step(stacked: PyTree) -> PerStep:
+def per_step(stacked: PyTree, *, curvature: PyTree = None) -> PerStep:
     """Mark inner data as one minibatch per inner step.
 
     Methods that take steps (`bilevel.unroll` and the transforms built on it) use slice
@@ -81,9 +82,15 @@ def per_step(stacked: PyTree) -> PerStep:
     every leaf must equal the method's `steps`; this is checked when the compiled function
     is called.
 
+    Under `bilevel.implicit`, the Hessian and the cross derivative of the implicit function
+    theorem need a training batch too: by default the mean over the per-step minibatches
+    (the full batch they form); `implicit(..., curvature=...)` chooses another, and
+    `curvature="given"` uses the batch passed here.
+
     **Arguments:**
 
     - `stacked`: a pytree of arrays, each with leading axis `steps`.
+    - `curvature`: optional batch (used whole) for `implicit(..., curvature="given")`.
 
     **Returns:**
 
@@ -119,7 +126,7 @@ def per_step(stacked: PyTree) -> PerStep:
                 f"scalar leaf {leaf!r}. Stack one batch per step along axis 0, or pass the "
                 "batch without per_step(...) to use it at every step."
             )
-    return PerStep(stacked)
+    return PerStep(stacked, curvature)
 
 
 def check_per_step(data, steps: int, what: str) -> None:

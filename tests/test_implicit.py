@@ -267,11 +267,19 @@ def test_implicit_requires_linear_solver():
         bl.implicit(FORWARD, "cg")
 
 
-def test_implicit_rejects_per_step_data():
+def test_implicit_rejects_per_step_data_it_cannot_use():
     tr, va = _data()
-    xs = bl.per_step((jnp.zeros((3000, 40, 5)), jnp.zeros((3000, 40))))
-    with pytest.raises(ValueError, match="per_step"):
-        bl.hypergrad(PROBLEM, bl.implicit(FORWARD, bl.cg()))(jnp.asarray(0.0), jnp.zeros(5), xs, va)
+    xs = bl.per_step((jnp.zeros((3, 40, 5)), jnp.zeros((3, 40))))
+    solve = bl.solver(lambda h, w0, b: w0)
+    with pytest.raises(ValueError, match="per_step"):      # a user solver takes one batch
+        bl.hypergrad(PROBLEM, bl.implicit(solve, bl.cg()))(jnp.asarray(0.0), jnp.zeros(5), xs, va)
+    with pytest.raises(ValueError, match="curvature='given'"):   # no curvature batch given
+        bl.hypergrad(PROBLEM, bl.implicit(bl.unroll(optax.sgd(0.1), steps=3), bl.cg(), curvature="given"))(
+            jnp.asarray(0.0), jnp.zeros(5), xs, va)
+    with pytest.raises(ValueError, match="per_term"):
+        bl.implicit(FORWARD, bl.gmres(), curvature="per_term")
+    with pytest.raises(ValueError, match="'mean'"):
+        bl.implicit(FORWARD, bl.cg(), curvature="full")
 
 
 def test_solver_output_tree_checked():
