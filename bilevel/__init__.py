@@ -35,6 +35,16 @@ from ._compile import (
     response as response,
 )
 from ._forward import ForwardMode as ForwardMode, forward_mode as forward_mode
+from ._first_order import (
+    BOME as BOME,
+    BOMEInfo as BOMEInfo,
+    BOMEState as BOMEState,
+    F2SA as F2SA,
+    F2SAInfo as F2SAInfo,
+    F2SAState as F2SAState,
+    bome as bome,
+    f2sa as f2sa,
+)
 from ._implicit import (
     Implicit as Implicit,
     Solver as Solver,
