@@ -12,6 +12,7 @@ and the final validation loss of each, and checks that the two runs agree.
 Writes warm_start.md and warm_start.json to --out.
 
     python benchmarks/warm_start.py                        # 200 steps, about a minute on 2 CPU cores
+    python benchmarks/warm_start.py --tol 1e-3            # a looser tolerance: warm starts save more
     python benchmarks/warm_start.py --penalty per-weight
     python benchmarks/warm_start.py --quick                # a tiny run (what the tests use)
 """
@@ -94,7 +95,8 @@ def main(argv=None) -> dict:
                 "backend": jax.default_backend(), "jax": jax.__version__}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "warm_start" + ("_quick" if args.quick else "") + ("_per_weight" if args.penalty == "per-weight" else "")
+    stem = ("warm_start" + ("_quick" if args.quick else "") + ("_per_weight" if args.penalty == "per-weight" else "")
+            + ("" if args.tol == 1e-6 else f"_tol{args.tol:g}"))
     (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "summary": summary, "runs": runs}, indent=1))
     q = summary["iterations_by_quarter"]
     lines = [
@@ -103,7 +105,8 @@ def main(argv=None) -> dict:
         f"digits demo problem, {args.steps} outer Adam steps (lr {args.outer_lr}) from log λ = "
         f"{args.log_lam0}, {args.inner_steps} inner steps each, implicit CG to relative residual "
         f"{args.tol:g}. Command: `python benchmarks/warm_start.py"
-        f"{' --penalty per-weight' if args.penalty == 'per-weight' else ''}`.",
+        f"{' --penalty per-weight' if args.penalty == 'per-weight' else ''}"
+        f"{'' if args.tol == 1e-6 else f' --tol {args.tol:g}'}`.",
         "",
         "| backward solve | CG iterations | by quarter of the run | max residual | final val loss | median step (s) |",
         "|---|---|---|---|---|---|",
