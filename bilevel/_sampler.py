@@ -41,8 +41,10 @@ class Sampler(eqx.Module):
             return jnp.zeros((), jnp.int32)
         if self.replace:
             return jax.random.randint(jax.random.fold_in(key, t), (), 0, self.num_batches, jnp.int32)
-        order = jax.random.permutation(jax.random.fold_in(key, t // self.num_batches), self.num_batches)
-        return order[t % self.num_batches].astype(jnp.int32)
+        # One sort of random 32-bit keys (jax.random.permutation sorts several times, which
+        # compiles to far more code); ties, of probability < num_batches²/2³³, keep index order.
+        bits = jax.random.bits(jax.random.fold_in(key, t // self.num_batches), (self.num_batches,), jnp.uint32)
+        return jnp.argsort(bits)[t % self.num_batches].astype(jnp.int32)
 
     def batch(self, j) -> PyTree:
         """Minibatch `j`: rows `j·batch_size` to `(j+1)·batch_size − 1` of the data."""
