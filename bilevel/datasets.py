@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "digits", "load", "mnist"]
+__all__ = ["BenchProblem", "Dataset", "data_cleaning", "digits", "load", "logreg_per_feature", "mnist"]
 
 Split = tuple  # (X: float32 (n, features), y: int32 (n,))
 

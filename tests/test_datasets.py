@@ -64,7 +64,8 @@ def test_docstring_examples_run(code):
 @needs_sklearn
 def test_module_is_public_and_repr_is_short():
     assert bl.datasets is datasets
-    assert set(datasets.__all__) == {"Dataset", "digits", "mnist", "load"}
+    assert set(datasets.__all__) == {"Dataset", "digits", "mnist", "load", "BenchProblem", "data_cleaning",
+                                     "logreg_per_feature"}
     data = datasets.digits()
     assert repr(data) == (
         "Dataset(name='digits', num_classes=10, train=(899, 64), val=(449, 64), test=(449, 64))"
