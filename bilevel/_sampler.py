@@ -30,11 +30,20 @@ class Sampler(eqx.Module):
     replace: bool = eqx.field(static=True)
 
     def index(self, key, t) -> jax.Array:
-        """The minibatch index (int32 in [0, num_batches)) drawn at step `t` with `key`.
+        """The minibatch index drawn at draw `t` with `key`.
 
-        Without replacement every block of `num_batches` consecutive steps (an epoch) visits
+        Without replacement every block of `num_batches` consecutive draws (an epoch) visits
         each minibatch once, in an order drawn from `key` and the epoch number; with
-        replacement each step draws uniformly and independently.
+        replacement each draw is uniform and independent.
+
+        **Arguments:**
+
+        - `key`: a PRNG key (one per stream of draws, fixed for a run).
+        - `t`: the draw count, an int (traced or not).
+
+        **Returns:**
+
+        An int32 scalar in [0, num_batches).
         """
         t = jnp.asarray(t, jnp.int32)
         if self.num_batches == 1:
@@ -51,12 +60,33 @@ class Sampler(eqx.Module):
         return jax.tree_util.tree_map(lambda x: x[j], self.batches)
 
     def draw(self, key, t) -> tuple[jax.Array, PyTree]:
-        """`(j, batch)`: the index drawn at step `t` and that minibatch."""
+        """The minibatch drawn at draw `t` with `key`, and its index.
+
+        **Arguments:**
+
+        - `key`: a PRNG key (one per stream of draws).
+        - `t`: the draw count.
+
+        **Returns:**
+
+        `(j, batch)`: the index `index(key, t)` and minibatch `j` (a pytree of arrays with
+        leading axis `batch_size`).
+        """
         j = self.index(key, t)
         return j, self.batch(j)
 
     def indices(self, key, steps: int) -> jax.Array:
-        """The indices drawn at steps 0..steps−1 (to replay a run's draws elsewhere)."""
+        """The indices drawn at draws 0..steps−1, to replay a run's draws elsewhere.
+
+        **Arguments:**
+
+        - `key`: the PRNG key of the stream.
+        - `steps`: how many draws, a Python int.
+
+        **Returns:**
+
+        An int32 array of shape `(steps,)`.
+        """
         return jax.vmap(lambda t: self.index(key, t))(jnp.arange(steps))
 
     @property

@@ -17,6 +17,9 @@ PUBLIC = {name: getattr(bl, name) for name in dir(bl) if not name.startswith("_"
 FUNCTIONS = {n: o for n, o in PUBLIC.items() if inspect.isfunction(o)}
 METHODS_WITH_DOCS = [bl.Online.init, bl.Online.step, bl.Online.run, bl.HyperOpt.init, bl.HyperOpt.step,
                      bl.HypertrainGlobal.init, bl.HypertrainGlobal.step, bl.Hypertrain.init, bl.Hypertrain.step]
+METHODS_WITH_DOCS += [getattr(cls, name) for cls in (bl.SOBA, bl.SABA, bl.StocBiO, bl.AmIGO, bl.F2SA, bl.BOME)
+                      for name in ("init", "step", "run")]
+METHODS_WITH_DOCS += [bl.Sampler.index, bl.Sampler.draw, bl.Sampler.indices]
 
 
 def _examples():
