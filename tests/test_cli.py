@@ -123,8 +123,19 @@ def test_help(command, quick_calls):
 SMALL = ("--outer-steps", 3, "--inner-steps", 5, "--eval-steps", 20, "--quiet")
 
 
-def test_demo_on_digits_writes_table_plot_and_histories(tmp_path):
-    out = cli("demo", *SMALL, "--methods", "unroll", "implicit-cg", "--out", tmp_path)
+@pytest.fixture(scope="module")
+def digits_demo(tmp_path_factory):
+    """One small demo run on digits for the two tests below (a run is ~15 s of CPU): two methods,
+    and the learning rate and starting penalty given explicitly (the NumPy reference of
+    `test_demo_start_row_is_plain_logistic_regression` uses them)."""
+    tmp_path = tmp_path_factory.mktemp("digits_demo")
+    out = cli("demo", *SMALL, "--methods", "unroll", "implicit-cg", "--lr", 0.1, "--log-lam0", -3,
+              "--out", tmp_path)
+    return out, tmp_path
+
+
+def test_demo_on_digits_writes_table_plot_and_histories(digits_demo):
+    out, tmp_path = digits_demo
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "results.json").read_text())
     assert set(rows) == {"start (no tuning)", "unroll", "implicit-cg", "random search"}
@@ -137,9 +148,12 @@ def test_demo_on_digits_writes_table_plot_and_histories(tmp_path):
     assert "| unroll |" in out.stdout and "| random search |" in out.stdout
 
 
-def test_demo_start_row_is_plain_logistic_regression(tmp_path):
-    """The untuned row equals an independent numpy training at the starting penalty."""
-    out = cli("demo", *SMALL, "--methods", "unroll", "--lr", 0.1, "--log-lam0", -3, "--out", tmp_path)
+def test_demo_start_row_is_plain_logistic_regression(digits_demo):
+    """The untuned row equals an independent numpy training at the starting penalty.
+
+    The run is `digits_demo`'s (--lr 0.1 --log-lam0 -3); the start row does not depend on
+    which methods are tuned after it."""
+    out, tmp_path = digits_demo
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "results.json").read_text())["start (no tuning)"]
     data = bl.datasets.digits(seed=0)
