@@ -15,6 +15,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
@@ -31,3 +32,19 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="module")
+def quick_compilation():
+    """Compile with XLA's optimisations mostly off (`jax_disable_most_optimizations`).
+
+    For modules whose time is compilation of many small programs: the same programs, with
+    fewer backend passes (fusion, algebraic simplification), roughly halve in compile time
+    and stay far inside float64 tolerances. A module opts in with
+    `pytestmark = pytest.mark.usefixtures("quick_compilation")`.
+    """
+    name = "jax_disable_most_optimizations"
+    previous = jax.config.read(name)
+    jax.config.update(name, True)
+    yield
+    jax.config.update(name, previous)
