@@ -46,6 +46,10 @@ from jax.sharding import PartitionSpec as P
 
 import bilevel as bl
 
+# Compile-bound (hundreds of small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 # --------------------------------------------------------------------------------------------
 # Reference problem and data
 # --------------------------------------------------------------------------------------------
