@@ -12,6 +12,10 @@ import pytest
 
 import bilevel as bl
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 
 def _ridge_data(seed=0, n=30, d=4, m=20):
     rng = np.random.default_rng(seed)
