@@ -48,3 +48,14 @@ def quick_compilation():
     jax.config.update(name, True)
     yield
     jax.config.update(name, previous)
+
+
+@pytest.fixture
+def full_optimization():
+    """Undo `quick_compilation` for one test: one that reads what the compiler made of a
+    program (its memory use), which should be the default pipeline's."""
+    name = "jax_disable_most_optimizations"
+    previous = jax.config.read(name)
+    jax.config.update(name, False)
+    yield
+    jax.config.update(name, previous)

@@ -19,6 +19,10 @@ import bilevel as bl
 import bilevel.testing as blt
 import bilevel.testing.strategies as bst
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 
 def _call(exact, method):
     hg = bl.hypergrad(exact.problem, method)
@@ -192,6 +196,7 @@ def _temp_bytes(method, d=1000):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.usefixtures("full_optimization")   # the default compiler pipeline
 def test_memory_does_not_grow_with_steps():
     fwd = [_temp_bytes(bl.forward_mode(bl.unroll(optax.sgd(0.01), t))) for t in (1_000, 100_000)]
     rev = [_temp_bytes(bl.unroll(optax.sgd(0.01), t)) for t in (1_000, 100_000)]
