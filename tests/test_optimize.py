@@ -14,6 +14,10 @@ import bilevel as bl
 import bilevel.testing as blt
 from bilevel._optimize import OptimizeError, OptimizeWarning
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 EXACT = blt.Ridge.sample(2, dim=6, max_condition=5.0)
 CLOSED = bl.solver(lambda h, w0, batch: EXACT.response(h))   # the exact response w*(λ)
 LR = 0.5
