@@ -21,6 +21,10 @@ import bilevel as bl
 import bilevel.testing as blt
 import bilevel.testing.strategies as bst
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 CLASSES = [blt.Ridge, blt.RidgePerCoordinate, blt.Quadratic004, blt.UnrolledQuadratic]
 FD_STEP = 1e-6
 
