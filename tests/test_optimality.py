@@ -6,7 +6,9 @@ jaxopt's implicit differentiation of the same condition.
 
 The tests are compile-bound (small problems, many distinct programs), so they compile with
 `jax_disable_most_optimizations`, as tests/test_docs_pages.py does: the same programs with
-fewer backend optimisations, far below the float64 tolerances asserted here.
+fewer backend optimisations, far below the float64 tolerances asserted here. The references
+(jaxopt's implicit differentiation, the closed forms of bilevel.testing) run jitted too: one
+compilation each instead of one per eager operation.
 """
 
 import functools
@@ -127,7 +129,7 @@ def test_lasso_matches_jaxopt_custom_fixed_point():
     def solve(init, log_lam):
         return bl.response(LASSO, _fista())(log_lam, init, TRAIN)
 
-    ref = jax.grad(lambda h: _lsq(solve(jnp.zeros(D), h), h, VAL))(jnp.asarray(LOG_LAM))
+    ref = jax.jit(jax.grad(lambda h: _lsq(solve(jnp.zeros(D), h), h, VAL)))(jnp.asarray(LOG_LAM))
     ours = _hypergrad(LASSO, bl.implicit(_fista(), bl.cg(tol=1e-12)))(
         jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL).grad
     np.testing.assert_allclose(ours, ref, rtol=1e-7)
@@ -167,7 +169,7 @@ def test_lasso_unrolled_fista_converges_to_the_implicit_hypergradient():
 def test_lasso_jvp_equals_grad_and_finite_differences():
     respond = bl.response(LASSO, bl.implicit(_fista(), bl.cg(tol=1e-12)))
     f = lambda h: _lsq(respond(h, jnp.zeros(D), TRAIN), h, VAL)  # noqa: E731
-    _, tangent = jax.jvp(f, (jnp.asarray(LOG_LAM),), (jnp.asarray(1.0),))
+    _, tangent = jax.jit(lambda h, v: jax.jvp(f, (h,), (v,)))(jnp.asarray(LOG_LAM), jnp.asarray(1.0))
     np.testing.assert_allclose(tangent, LASSO_GRAD, rtol=1e-8)
     eps = 1e-5   # the support is stable within ±eps (checked by _lasso_exact's KKT margin)
     fd = (_lsq(_lasso_exact(LOG_LAM + eps)[0], 0, (XV, YV)) - _lsq(_lasso_exact(LOG_LAM - eps)[0], 0, (XV, YV))) / (2 * eps)
@@ -250,6 +252,12 @@ def _active_set_exact(w, free, lam):
 
 
 def _solve_box(lam, lo, hi, iters=20000):
+    return _solve_box_cached(tuple(lam), lo, hi, iters).copy()
+
+
+@functools.cache   # the same 20000-step NumPy solve serves the three solvers and the KKT test
+def _solve_box_cached(lam, lo, hi, iters):
+    lam = np.asarray(lam)
     w = np.zeros(DQ)
     for _ in range(iters):
         w = np.clip(w - (Q @ w - C - B @ lam) / LQ, lo, hi)
@@ -391,7 +399,7 @@ def test_kkt_matches_jaxopt_custom_root():
     def solve(init, lam):
         return _kkt_solver(lam, None, None)[:2]
 
-    ref = jax.grad(lambda lam: _to_target(solve(None, lam)[0], lam, None))(jnp.asarray(LAM_Q))
+    ref = jax.jit(jax.grad(lambda lam: _to_target(solve(None, lam)[0], lam, None)))(jnp.asarray(LAM_Q))
     method = bl.implicit(bl.solver(_kkt_solver), bl.exact(), condition=EQ)
     ours = _hypergrad(KKT_QP, method)(jnp.asarray(LAM_Q), (jnp.zeros(DQ), jnp.zeros(2), None), None, None)
     np.testing.assert_allclose(ours.grad, ref, rtol=1e-9)
@@ -659,7 +667,8 @@ def _jaxopt_hypergrad(exact, build):
     def solve(init, h):
         return exact.response(jax.lax.stop_gradient(h))
 
-    return jax.grad(lambda h: exact.problem.outer(solve(exact.params0, h), h, exact.outer_batch))(exact.hparams)
+    return jax.jit(jax.grad(lambda h: exact.problem.outer(solve(exact.params0, h), h, exact.outer_batch)))(
+        exact.hparams)
 
 
 @pytest.mark.parametrize("name", sorted(CONDITION_PROBLEMS))
@@ -669,7 +678,7 @@ def test_every_exact_condition_problem_and_jaxopt(name):
     out = jax.jit(bl.hypergrad(exact.problem, method_for(exact)))(
         exact.hparams, exact.params0, exact.inner_batch, exact.outer_batch)
     assert bool(exact.is_valid(exact.hparams))
-    np.testing.assert_allclose(out.grad, exact.hypergrad(exact.hparams), rtol=1e-7, atol=1e-10)
+    np.testing.assert_allclose(out.grad, EXACT_HYPERGRAD(exact, exact.hparams), rtol=1e-7, atol=1e-10)
     assert float(out.stats["optimality_residual"]) < 1e-8
     if name in JAXOPT_FIXED_POINTS:   # the same condition through jaxopt's custom_fixed_point
         np.testing.assert_allclose(out.grad, _jaxopt_hypergrad(exact, JAXOPT_FIXED_POINTS[name]),
