@@ -26,15 +26,7 @@ needs_mnist = pytest.mark.skipif(not REAL_MNIST.is_file(), reason=f"no {REAL_MNI
 KEYS = ("hess_params", "hess_hparams", "cross", "lin_params", "lin_hparams")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compilation():
-    """Compile with few optimisations (the problems are small: the time is compilation), as
-    tests/test_docs.py does; restore the setting after."""
-    name = "jax_disable_most_optimizations"
-    previous = jax.config.read(name)
-    jax.config.update(name, True)
-    yield
-    jax.config.update(name, previous)
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py
 
 
 def _rows(batch, idx):

@@ -18,13 +18,7 @@ import bilevel.testing as blt
 from bilevel._drivers import stream_keys
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _quick_compilation():
-    name = "jax_disable_most_optimizations"
-    previous = jax.config.read(name)
-    jax.config.update(name, True)
-    yield
-    jax.config.update(name, previous)
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py
 
 # ----------------------------------------------------------------------------------------------
 # A small bilevel problem whose losses are means of per-row quadratics, so every gradient

@@ -17,13 +17,7 @@ import bilevel as bl
 from bilevel._drivers import stream_keys
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_compilation():
-    name = "jax_disable_most_optimizations"
-    previous = jax.config.read(name)
-    jax.config.update(name, True)
-    yield
-    jax.config.update(name, previous)
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py
 
 
 # --- exactness: a ridge-like problem with per-row data and e^λ penalties ---------------------

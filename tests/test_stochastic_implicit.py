@@ -18,13 +18,7 @@ import bilevel as bl
 N, D = 48, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    name = "jax_disable_most_optimizations"
-    previous = jax.config.read(name)
-    jax.config.update(name, True)
-    yield
-    jax.config.update(name, previous)
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py
 
 
 def _inner(w, log_lam, batch):
