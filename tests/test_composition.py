@@ -218,6 +218,9 @@ def exact_objective(lam, batch=TRAIN, vbatch=VAL):
     return hand_val(closed_form(lam, None, batch), vbatch)
 
 
+exact_grad_of_objective = jax.jit(jax.grad(exact_objective))   # compiled: one program, not ~30 eager ops
+
+
 # ---- the methods under test -----------------------------------------------------------------
 
 
@@ -336,7 +339,7 @@ def index(tree, i):
 
 def test_reference_sanity():
     """The references agree with each other where the math says they must (catches a bad ref)."""
-    exact_grad = jax.grad(exact_objective)(jnp.asarray(LAM))
+    exact_grad = exact_grad_of_objective(jnp.asarray(LAM))
     assert exact_grad.shape == LAM.shape
     assert np.min(np.abs(exact_grad)) > 0.01
     converged = CASES_BY_STEPS[CONVERGED]
@@ -597,14 +600,22 @@ def _fd_jacobian(g, lam):
     return np.stack(cols, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames="name")
 def _hyper_hessian_ref(name, lam):
     if name in UNROLLED:
-        frozen = STEPS - TRUNC if name == "truncate" else 0
-        f = lambda l: hand_val(hand_gd(l, W0, TRAIN, STEPS, frozen=frozen), VAL)  # noqa: E731
-        return jax.jacrev(jax.grad(f))(lam)
+        return _unrolled_hyper_hessian(STEPS - TRUNC if name == "truncate" else 0, lam)
     # IFT-based methods with a converged forward: the exact Hessian of λ ↦ L_V(w*(λ)).
-    return jax.hessian(exact_objective)(lam)
+    return _exact_hyper_hessian(lam)
+
+
+# One compiled reference per distinct computation (not per method name): unroll, unroll_ckpt
+# and forward share the plain one, implicit_exact and implicit_cg the exact one.
+@functools.partial(jax.jit, static_argnames="frozen")
+def _unrolled_hyper_hessian(frozen, lam):
+    f = lambda l: hand_val(hand_gd(l, W0, TRAIN, STEPS, frozen=frozen), VAL)  # noqa: E731
+    return jax.jacrev(jax.grad(f))(lam)
+
+
+_exact_hyper_hessian = jax.jit(jax.hessian(exact_objective))
 
 
 HYPERHYPER = ["unroll", "unroll_ckpt", "truncate", "forward", "implicit_exact", "implicit_cg"]
@@ -615,7 +626,7 @@ def test_hyper_hypergradient_matches_finite_differences(name):
     """jax.jacrev of the hypergradient (the hyper-Hessian, one log-penalty per feature)."""
     g = _grad_fn(name)
     lam = _f64(LAM)
-    hh = jax.jacrev(g)(lam)
+    hh = jax.jit(jax.jacrev(g))(lam)   # jitted: one program instead of a linearize and a transpose
     if name != "truncate":
         # Not for truncate: its hypergradient treats the first T−K steps as constants
         # (stop_gradient), so its autodiff derivative deliberately ignores how λ moves the
@@ -627,7 +638,7 @@ def test_hyper_hypergradient_matches_finite_differences(name):
     assert np.min(np.abs(np.diag(hh))) > 1e-3
     if name == "implicit_exact":
         # forward-over-reverse through the custom_jvp rule agrees too
-        np.testing.assert_allclose(jax.jacfwd(g)(lam), hh, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(jax.jit(jax.jacfwd(g))(lam), hh, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize(
@@ -651,7 +662,7 @@ def test_hyper_hypergradient_matches_finite_differences(name):
 def test_hyper_hypergradient_of_approximate_solvers_matches_finite_differences(name):
     g = _grad_fn(name)
     lam = _f64(LAM)
-    np.testing.assert_allclose(jax.jacrev(g)(lam), _fd_jacobian(g, lam), rtol=FD_RTOL, atol=FD_ATOL)
+    np.testing.assert_allclose(jax.jit(jax.jacrev(g))(lam), _fd_jacobian(g, lam), rtol=FD_RTOL, atol=FD_ATOL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,6 +784,7 @@ def test_dict_params_tuple_hparams(name):
 LR_STEPS = 20
 
 
+@jax.jit
 def _lr_ref(h):
     """Hand GD with a learning rate taken from the hparams dict (unconverged: lr matters)."""
 
@@ -797,7 +809,7 @@ def test_dict_hparams_with_learning_rate(name):
         method = bl.implicit(bl.unroll(opt, CONVERGED), bl.exact())
         out = jax.jit(bl.hypergrad(problem, method))(h, W0, TRAIN, VAL)
         assert jax.tree_util.tree_structure(out.grad) == jax.tree_util.tree_structure(h)
-        want = {"log_lam": jax.grad(exact_objective)(h["log_lam"]), "lr": np.float64(0.0)}
+        want = {"log_lam": exact_grad_of_objective(h["log_lam"]), "lr": np.float64(0.0)}
         chex.assert_trees_all_close(out.grad, want, rtol=RTOL, atol=ATOL)
         return
     h = {"log_lam": _f64(LAM_S), "lr": _f64(0.1)}
@@ -920,7 +932,7 @@ def test_per_step_dict_batches(name):
     value, grad = ref(jnp.asarray(LAM_S))
     np.testing.assert_allclose(out.value, value, rtol=RTOL)
     np.testing.assert_allclose(out.grad, grad, rtol=RTOL)
-    np.testing.assert_allclose(out.params, hand_gd_per_step(LAM_S), rtol=RTOL)
+    np.testing.assert_allclose(out.params, jax.jit(hand_gd_per_step)(jnp.asarray(LAM_S)), rtol=RTOL)
     if name != "unroll":
         return
     # vmap over hparams with the per-step data shared
