@@ -21,6 +21,9 @@ import bilevel as bl
 import bilevel.testing as blt
 import bilevel.testing.strategies as bst
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
 
 _hypergrad_error = eqx.filter_jit(blt.hypergrad_error)
 
