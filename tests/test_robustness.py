@@ -24,6 +24,10 @@ import pytest
 import bilevel as bl
 import bilevel._unroll as unroll_module
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 D = 3
 
 
