@@ -10,6 +10,10 @@ import pytest
 import bilevel as bl
 import bilevel.testing as blt
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 EXACT = blt.Ridge.sample(4, dim=5, max_condition=5.0)
 CLOSED = bl.solver(lambda h, w0, batch: EXACT.response(h))
 PER = blt.RidgePerCoordinate.sample(1, dim=2, max_condition=5.0)
