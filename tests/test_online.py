@@ -9,6 +9,10 @@ import pytest
 import bilevel as bl
 import bilevel.testing as blt
 
+# Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
+# (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
+pytestmark = pytest.mark.usefixtures("quick_compilation")
+
 EXACT = blt.Quadratic004.sample(3, dim=8)
 ETA, BETA, STEPS = 0.05, 0.02, 300
 
