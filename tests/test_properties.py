@@ -15,6 +15,8 @@ fixture of tests/conftest.py): the same programs with fewer backend passes, far 
 float64 tolerances asserted here.
 """
 
+import unittest.mock
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,7 @@ from hypothesis import strategies as st
 import bilevel as bl
 import bilevel.testing as blt
 import bilevel.testing.strategies as bst
+from bilevel.testing import _check as _check_module
 
 pytestmark = pytest.mark.usefixtures("quick_compilation")
 
@@ -234,12 +237,18 @@ def test_vmap_equals_stacked_calls(exact, name):
         np.testing.assert_allclose(values[i], single.value, rtol=1e-12)
 
 
-# The helper runs the method eagerly (as users call it): ~37 small compilations per drawn
-# problem. What is new here is the helper's own accept/reject logic; the accuracy of the two
-# methods it is given on ANY_IFT is checked on 15 examples each by
-# test_implicit_equals_exact_ift (implicit + exact, rel. error < 1e-8) and
-# test_identity_equals_one_step_formula (implicit + identity), so a third of the profile's
-# examples (5 in `ci`) suffice.
+# The helper computes through `hypergrad_error`, eagerly: every operation of a drawn shape
+# compiled on its own (~70 compilations per problem). Here that function runs compiled
+# (`eqx.filter_jit` of the same function, as tests/test_best_response.py uses it), two programs
+# per problem; the helper's own logic (target, tolerance, message) runs as is. The eager path
+# of every method is compared with its jit in tests/test_composition.py.
+_compiled_hypergrad_error = eqx.filter_jit(_check_module.hypergrad_error)
+
+
+# What is new here is the helper's own accept/reject logic; the accuracy of the two methods it
+# is given on ANY_IFT is checked on 15 examples each by test_implicit_equals_exact_ift
+# (implicit + exact, rel. error < 1e-8) and test_identity_equals_one_step_formula (implicit +
+# identity), so a third of the profile's examples (5 in `ci`) suffice.
 @settings(max_examples=max(5, settings.default.max_examples // 3))
 @given(ANY_IFT)
 def test_assert_hypergrad_close_helper(exact):
@@ -247,11 +256,12 @@ def test_assert_hypergrad_close_helper(exact):
     ref = _exact_values(exact)
     forward = bl.unroll(optax.sgd(1.0 / float(ref["hessian_eigenvalues"].max())), steps=800)   # _forward
     good = bl.implicit(forward, bl.exact())
-    blt.assert_hypergrad_close(good, exact, rtol=1e-8)
-    one_step = bl.implicit(forward, bl.identity())
-    if _rel(ref["identity_hypergrad"], ref["hypergrad"]) > 1e-3:
-        with pytest.raises(AssertionError, match="relative error"):
-            blt.assert_hypergrad_close(one_step, exact, rtol=1e-6, target="ift")
+    with unittest.mock.patch.object(_check_module, "hypergrad_error", _compiled_hypergrad_error):
+        blt.assert_hypergrad_close(good, exact, rtol=1e-8)
+        one_step = bl.implicit(forward, bl.identity())
+        if _rel(ref["identity_hypergrad"], ref["hypergrad"]) > 1e-3:
+            with pytest.raises(AssertionError, match="relative error"):
+                blt.assert_hypergrad_close(one_step, exact, rtol=1e-6, target="ift")
 
 
 @pytest.mark.slow
