@@ -6,6 +6,8 @@ arguments, and the closed forms they are compared with in another, instead of co
 loop and operation eagerly; the other tests jit what they used to run eagerly.
 """
 
+import unittest.mock
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,7 @@ from hypothesis import strategies as st
 import bilevel as bl
 import bilevel.testing as blt
 import bilevel.testing.strategies as bst
+from bilevel.testing import _check as _check_module
 
 # Compile-bound (many small programs): compiled with `jax_disable_most_optimizations`
 # (tests/conftest.py's `quick_compilation`), the same programs with fewer backend passes.
@@ -286,6 +289,9 @@ def test_per_step_data_of_the_wrong_length():
 def test_assert_hypergrad_close_targets_the_unrolled_value_for_forward_mode():
     exact = blt.UnrolledQuadratic.sample(0, dim=4, steps=7)
     method = bl.forward_mode(bl.unroll(optax.sgd(float(exact.lr)), steps=7))
-    blt.assert_hypergrad_close(method, exact, rtol=1e-9)  # auto target: the 7-step value
-    with pytest.raises(AssertionError):  # a clipped one is compared with the IFT value instead
-        blt.assert_hypergrad_close(bl.forward_mode(method.method, clip=1e-3), exact, rtol=1e-6)
+    # The helper's `hypergrad_error` runs compiled (the same function under eqx.filter_jit, one
+    # program per method instead of ~50 eager operations); the helper's own logic runs as is.
+    with unittest.mock.patch.object(_check_module, "hypergrad_error", eqx.filter_jit(_check_module.hypergrad_error)):
+        blt.assert_hypergrad_close(method, exact, rtol=1e-9)  # auto target: the 7-step value
+        with pytest.raises(AssertionError):  # a clipped one is compared with the IFT value instead
+            blt.assert_hypergrad_close(bl.forward_mode(method.method, clip=1e-3), exact, rtol=1e-6)
