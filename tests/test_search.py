@@ -97,7 +97,7 @@ def test_random_search_finds_the_grid_optimum_region():
     grid = search_grid(jnp.linspace(lo, hi, 701), exact=exact, method=closed)
     t = (hi - lo) / 2 * (1 - p ** (1 / n))                              # 0.18
     assert lo + t < float(grid.best) < hi - t                           # interior, t from both ends
-    curvature = jax.vmap(jax.grad(jax.grad(exact.value)))(jnp.linspace(grid.best - t, grid.best + t, 101))
+    curvature = jax.jit(jax.vmap(jax.grad(jax.grad(exact.value))))(jnp.linspace(grid.best - t, grid.best + t, 101))
     above = 0.5 * float(curvature.max()) * t**2                         # 7e-3 (values span 1.1)
     below = 0.5 * float(curvature.max()) * 0.005**2
     for seed in range(4):
