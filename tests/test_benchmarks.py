@@ -67,3 +67,26 @@ def test_hypernet_figures_run_and_write_figures_table_and_json(tmp_path, quick_c
     assert result["figure_6"]["n_hparams"] == 650
     assert set(result["figure_6"]["methods"]) == {"hypernet (local, linear)", "unroll", "implicit (neumann)",
                                                   "random search"}
+
+
+def test_stochastic_benchmark_quick_runs_every_method_and_answers_the_goal(tmp_path, quick_compilation):
+    """Tiny data cleaning run of benchmarks/stochastic.py: every method, finite curves, the goal line."""
+    script = _load("stochastic")
+    summary = script.main(["--quick", "--problems", "data_cleaning", "--out", str(tmp_path),
+                           "--assets", str(tmp_path)])
+    result = json.loads((tmp_path / "data_cleaning.json").read_text())
+    assert set(result["methods"]) == set(script.METHODS)
+    for name, method in result["methods"].items():
+        run = method["runs"][method["best"]]
+        assert np.all(np.isfinite(run["median"])) and np.all(np.isfinite(run["time"])), name
+        assert run["oracle_calls"][-1] >= result["settings"]["budget"] and run["time"][-1] > 0, name
+        assert 0.0 <= run["final_median"] <= 1.0, name
+    assert result["methods"]["random_search"]["check"]["agree"]
+    goal = result["goal"]
+    assert goal["verdict_first_reach"] in (True, False) and goal["verdict_stays"] in (True, False)
+    assert goal["statement"].startswith("Target:") and np.isfinite(goal["target"])
+    assert summary["goal"]["best"] in script.STOCHASTIC
+    assert (tmp_path / "stochastic_data_cleaning.png").stat().st_size > 0
+    markdown = (tmp_path / "data_cleaning.md").read_text()
+    assert markdown.count("\n| ") == 1 + len(script.METHODS) and "**Goal:**" in markdown  # header + rows
+    assert "## Goal" in (tmp_path / "summary.md").read_text()
