@@ -108,7 +108,7 @@ def test_global_linear_hypernet_recovers_affine_response(exact):
 
 def test_best_response_of_closed_form_matches_ridge_exactly():
     exact = blt.Ridge.sample(3, dim=4)
-    cmp = blt.hypergrad_error(bl.best_response(exact.response), exact, jnp.asarray(-0.5))
+    cmp = _hypergrad_error(bl.best_response(exact.response), exact, jnp.asarray(-0.5))
     assert cmp.error < 1e-10
 
 
@@ -153,7 +153,8 @@ def test_second_order_through_best_response_matches_closed_form():
     method = bl.best_response(exact.response)
     hg = lambda lam: bl.hypergrad(exact.problem, method)(lam, exact.params0, exact.inner_batch,  # noqa: E731
                                                           exact.outer_batch).grad
-    np.testing.assert_allclose(jax.grad(hg)(0.2), jax.grad(exact.hypergrad)(0.2), rtol=1e-9)
+    lam = jnp.asarray(0.2)
+    np.testing.assert_allclose(jax.jit(jax.grad(hg))(lam), jax.jit(jax.grad(exact.hypergrad))(lam), rtol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +162,7 @@ def test_second_order_through_best_response_matches_closed_form():
 # ---------------------------------------------------------------------------------------------
 
 
+@eqx.filter_jit   # the reference, compiled: one program instead of each operation on its own
 def _manual_step(exact, net, lams, u, lr_net, lr_outer):
     """One φ SGD step on mean_i L_T(h(λ_i), λ_i), then one λ̂ SGD step on L_V(h(λ̂), λ̂)."""
     p = exact.problem
@@ -245,6 +247,13 @@ def _run_joint(driver, state, exact, steps, seed=1):
                        jax.random.split(jax.random.key(seed), steps))
 
 
+# The exact problem's closed forms, compiled (one program each instead of every operation on its own).
+_values_on = eqx.filter_jit(lambda exact, grid: jax.vmap(exact.value)(grid))
+_response_curvature = eqx.filter_jit(lambda exact, lam: jax.jacfwd(jax.jacfwd(exact.response))(lam))
+_hypernet_error = eqx.filter_jit(lambda exact, net, lam: net(lam) - exact.response(lam))
+_hessian_at = eqx.filter_jit(lambda exact, lam: exact.hessian(lam))
+
+
 def test_local_hypertraining_finds_the_ridge_optimum():
     """Algorithm 3 moves λ̂ to the minimiser of the exact validation curve, and its linear hypernet
     ends at the best linear fit of w* over the perturbation around λ̂, on every one of four seeds.
@@ -260,7 +269,7 @@ def test_local_hypertraining_finds_the_ridge_optimum():
     sigma, steps, hypernet_steps = 0.05, 2000, 5
     exact = blt.Ridge.sample(0, dim=5, noise=1.0, n_train=6, log_lam=1.0)
     grid = jnp.linspace(-4.0, 3.0, 7001)
-    best = grid[jnp.argmin(jax.vmap(exact.value)(grid))]
+    best = grid[jnp.argmin(_values_on(exact, grid))]
     assert -3.5 < best < 2.5                                  # an interior optimum exists
     driver = bl.hypertrain_local(
         exact.problem, optax.adam(optax.cosine_decay_schedule(3e-2, steps * hypernet_steps)),
@@ -277,15 +286,15 @@ def test_local_hypertraining_finds_the_ridge_optimum():
         # move that point O(σ²) from the optimum (to second order 4e-4 here), the grid's spacing
         # is 1e-3. Measured <= 1.1e-3 over seeds, float32, vmap vs loop and a 1-ulp λ₀.
         assert abs(float(lam) - float(best)) < 4 * sigma**2, (i, lam, best)
-        offset = 0.5 * sigma**2 * jax.jacfwd(jax.jacfwd(exact.response))(lam)
+        offset = 0.5 * sigma**2 * _response_curvature(exact, lam)
         # The hypernet at λ̂ is the σ-fit: what is left beyond ½σ²w*'' is its O(σ⁴) rest and the
         # last decayed Adam steps (measured <= 0.13‖offset‖). Without the fit's offset (h = w*)
         # or with the constant-step jitter (‖h − w*‖ up to 0.1) this fails.
-        error = net(lam) - exact.response(lam)
+        error = _hypernet_error(exact, net, lam)
         assert float(jnp.linalg.norm(error - offset)) < 0.5 * float(jnp.linalg.norm(offset)), (i, error, offset)
         # So the reported ‖∇_w L_T(h_φ(λ̂), λ̂)‖ = ‖H(λ̂)(h − w*)‖ is about ‖H·offset‖ (6.7e-4;
         # measured 0.86..1.14 of it), not 0.
-        grad_bound = 2 * float(jnp.linalg.norm(exact.hessian(lam) @ offset))
+        grad_bound = 2 * float(jnp.linalg.norm(_hessian_at(exact, lam) @ offset))
         assert float(infos.stats["inner_grad_norm"][i, -1]) < grad_bound, (i, infos.stats["inner_grad_norm"][i, -1])
 
 
@@ -443,7 +452,7 @@ def test_joint_drivers_with_linear_solver_take_the_ift_step():
     slope (where, through the hypernet, λ̂ never moves)."""
     exact = blt.Ridge.sample(0, dim=5, noise=1.0, n_train=6, log_lam=1.0)
     grid = jnp.linspace(-4.0, 3.0, 7001)
-    best = grid[jnp.argmin(jax.vmap(exact.value)(grid))]
+    best = grid[jnp.argmin(_values_on(exact, grid))]
     driver = bl.hypertrain_simplified(exact.problem, optax.sgd(0.05), optax.adam(2e-2), hypernet_steps=50,
                                       linear_solver=bl.exact())
     state = driver.init(bl.linear_hypernet(exact.params0, exact.hparams), exact.hparams, exact.params0)
