@@ -87,7 +87,7 @@ def test_carried_jacobian_is_forward_mode_when_lambda_is_frozen():
     state, _ = driver.run(driver.init(jnp.asarray(0.4), EXACT.params0), EXACT.inner_batch,
                           EXACT.outer_batch, 50)
     respond = bl.response(EXACT.problem, bl.unroll(opt, 50))
-    want = jax.jacfwd(respond)(jnp.asarray(0.4), EXACT.params0, EXACT.inner_batch)
+    want = jax.jit(jax.jacfwd(respond))(jnp.asarray(0.4), EXACT.params0, EXACT.inner_batch)   # the reference, compiled
     np.testing.assert_allclose(state.jacobian[0][0], want, rtol=1e-10, atol=1e-14)
 
 
@@ -163,7 +163,7 @@ def test_dict_hparams_with_a_learning_rate():
     hp = {"lam": jnp.asarray(0.2), "lr": jnp.asarray(0.05)}
     state, _ = driver.run(driver.init(hp, EXACT.params0), EXACT.inner_batch, EXACT.outer_batch, 40)
     respond = bl.response(problem, bl.unroll(lambda h: optax.sgd(h["lr"]), 40))
-    want = jax.jacfwd(respond)(hp, EXACT.params0, EXACT.inner_batch)
+    want = jax.jit(jax.jacfwd(respond))(hp, EXACT.params0, EXACT.inner_batch)   # the reference, compiled
     jac = state.jacobian[0]  # columns in ravel order: lam, lr
     np.testing.assert_allclose(jac[0], want["lam"], rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(jac[1], want["lr"], rtol=1e-10, atol=1e-14)
