@@ -35,9 +35,21 @@ def _quick_compilation():
     jax.config.update(name, previous)
 
 
+_JITTED = {}
+
+
 def _hypergrad(problem, method):
-    """`bl.hypergrad`, jitted: one compile per program instead of one per eager operation."""
-    return jax.jit(bl.hypergrad(problem, method))
+    """`bl.hypergrad`, jitted: one compile per program instead of one per eager operation.
+
+    One jit per distinct (problem, method) for the module, so equal methods built by different
+    tests (e.g. the closed-form test of a condition and its jvp test) share their compilations;
+    settings holding arrays (or tracers) get a jit of their own."""
+    key = (problem, method)
+    if any(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in jax.tree_util.tree_leaves(key)):
+        return jax.jit(bl.hypergrad(problem, method))
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(bl.hypergrad(problem, method))
+    return _JITTED[key]
 
 
 # --- a Lasso with a known support -------------------------------------------------------------
@@ -110,7 +122,7 @@ def test_the_lasso_support_is_nontrivial():
 @pytest.mark.parametrize("name", sorted(SOLVERS))
 def test_lasso_hypergradient_is_the_closed_form_on_the_support(name):
     method = bl.implicit(_fista(), SOLVERS[name])
-    out = jax.jit(bl.hypergrad(LASSO, method))(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
+    out = _hypergrad(LASSO, method)(jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL)
     np.testing.assert_allclose(out.params, W_STAR, atol=1e-10)
     np.testing.assert_allclose(out.grad, LASSO_GRAD, rtol=1e-8)
     assert int(out.stats["support_size"]) == SUPPORT.sum()
@@ -130,7 +142,7 @@ def test_lasso_matches_jaxopt_custom_fixed_point():
         return bl.response(LASSO, _fista())(log_lam, init, TRAIN)
 
     ref = jax.jit(jax.grad(lambda h: _lsq(solve(jnp.zeros(D), h), h, VAL)))(jnp.asarray(LOG_LAM))
-    ours = _hypergrad(LASSO, bl.implicit(_fista(), bl.cg(tol=1e-12)))(
+    ours = _hypergrad(LASSO, bl.implicit(_fista(), SOLVERS["cg"]))(
         jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL).grad
     np.testing.assert_allclose(ours, ref, rtol=1e-7)
     np.testing.assert_allclose(ours, LASSO_GRAD, rtol=1e-7)
@@ -448,15 +460,19 @@ def test_fixed_point_refuses_cg():
 
 # --- every condition: jvp = grad·v, vmap, no retrace ---------------------------------------------
 
+# The same methods (settings included) as the closed-form tests above use, so their hypergrad
+# programs are compiled once for both (see `_hypergrad`).
 CASES = {
-    "lasso": (LASSO, bl.implicit(_fista(), bl.cg(tol=1e-12)), jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL),
-    "box": (QP, bl.implicit(bl.projected_gradient(bl.projection_box(-2.0, 2.0), 1 / LQ, 2000), bl.cg(tol=1e-12)),
+    "lasso": (LASSO, bl.implicit(_fista(), SOLVERS["cg"]), jnp.asarray(LOG_LAM), jnp.zeros(D), TRAIN, VAL),
+    "box": (QP, bl.implicit(bl.projected_gradient(bl.projection_box(-2.0, 2.0), stepsize=1 / LQ, steps=3000),
+                            SOLVERS["cg"]),
             jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None),
-    "simplex": (QP, bl.implicit(bl.projected_gradient(bl.projection_simplex(), 1 / LQ, 2000), bl.gmres(tol=1e-12)),
+    "simplex": (QP, bl.implicit(bl.projected_gradient(bl.projection_simplex(), stepsize=1 / LQ, steps=3000),
+                                SOLVERS["gmres"]),
                 jnp.asarray(LAM_Q), jnp.full(DQ, 1.0 / DQ), None, None),
     "kkt": (KKT_QP, bl.implicit(bl.solver(_kkt_solver), bl.exact(), condition=EQ), jnp.asarray(LAM_Q),
             (jnp.zeros(DQ), jnp.zeros(2), None), None, None),
-    "fixed_point": (FP_PROBLEM, bl.implicit(bl.solver(_iterate), bl.gmres(tol=1e-12), condition=bl.fixed_point(_map)),
+    "fixed_point": (FP_PROBLEM, bl.implicit(bl.solver(_iterate), SOLVERS["gmres"], condition=bl.fixed_point(_map)),
                     jnp.asarray(LAM_Q), jnp.zeros(DQ), None, None),
 }
 
