@@ -1,4 +1,7 @@
-"""forward_mode: exact against closed forms and unroll; the clipped recursion against numpy.
+"""forward_mode: exact against unroll; the clipped recursion against numpy.
+
+(Against bilevel.testing's exact T-step closed forms on drawn problems: in
+tests/test_properties.py, in the same compiled program as unroll's check.)
 
 Most of the time here is compilation, so the hypothesis properties run each example's method
 in one `eqx.filter_jit` program that takes the drawn problem (its arrays) and the step size as
@@ -38,26 +41,11 @@ def _rel(a, b, floor=1e-6):
 
 
 # ---- clip=None is exactly unroll's derivative -------------------------------------------------
-
-
-@eqx.filter_jit
-def _forward_mode_of_unroll(exact):
-    return _call(exact, bl.forward_mode(bl.unroll(optax.sgd(exact.lr), steps=exact.steps)))
-
-
-@eqx.filter_jit
-def _unrolled_closed_forms(exact):
-    """bilevel.testing's closed forms of the T-step iterate and its hypergradient."""
-    return exact.unrolled_hypergrad(exact.hparams), exact.unrolled_response(exact.hparams)
-
-
-@given(bst.unrolled_quadratic_problems(max_steps=40))
-def test_forward_mode_equals_exact_unrolled_hypergradient(exact):
-    out = _forward_mode_of_unroll(exact)   # forward_mode(unroll(optax.sgd(exact.lr), exact.steps))
-    grad, params = _unrolled_closed_forms(exact)
-    assert _rel(out.grad, grad) < 1e-9
-    assert _rel(out.params, params) < 1e-10
-    assert float(out.stats["clip_fraction"]) == 0.0
+# On drawn problems, forward_mode(unroll(optax.sgd(exact.lr), exact.steps)) equals bilevel.testing's
+# exact T-step hypergradient and iterate (and clip_fraction is 0): checked in
+# tests/test_properties.py::test_unrolled_methods_equal_the_exact_unrolled_hypergradient, in one
+# compiled program per drawn problem with unroll, checkpointing and truncate. Below: equal to
+# unroll for other optimizers, per-step data, jvp and hyper-Hessian.
 
 
 def _ridge(seed=0, n=30, d=4, m=20):

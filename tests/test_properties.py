@@ -83,30 +83,29 @@ def _rel(a, b, floor=1e-6):
 
 
 @eqx.filter_jit
-def _unrolled(exact):
-    return _call(exact, bl.unroll(optax.sgd(exact.lr), steps=exact.steps))
-
-
-@given(bst.unrolled_quadratic_problems(max_steps=40))
-def test_unroll_equals_exact_unrolled_hypergradient(exact):
-    out = _unrolled(exact)   # bl.unroll(optax.sgd(exact.lr), steps=exact.steps)
-    ref = _exact_values(exact)
-    assert _rel(out.grad, ref["unrolled_hypergrad"]) < 1e-9
-    assert _rel(out.params, ref["unrolled_response"]) < 1e-10
-    assert _rel(out.value, ref["unrolled_value"]) < 1e-10
-
-
-@eqx.filter_jit
-def _plain_checkpoint_truncate(exact, k):
+def _unrolled_methods(exact, k):
+    """unroll, forward_mode(unroll), unroll(checkpoint=k) and truncate(last=steps) on one drawn
+    problem, in one compiled program (k is static)."""
     sgd = optax.sgd(exact.lr)
     return (_call(exact, bl.unroll(sgd, exact.steps)),
+            _call(exact, bl.forward_mode(bl.unroll(sgd, exact.steps))),
             _call(exact, bl.unroll(sgd, exact.steps, checkpoint=k)),
             _call(exact, bl.truncate(bl.unroll(sgd, exact.steps), last=exact.steps)))
 
 
+# One draw and one compiled program per example for what were three properties of the same
+# drawn problems (and one compilation each): unroll and forward_mode(unroll) (formerly
+# tests/test_forward.py's) equal the exact T-step hypergradient, and checkpointing and a full
+# truncate equal unroll. Every assertion is kept, each on the profile's examples.
 @given(bst.unrolled_quadratic_problems(max_steps=40), st.integers(1, 40))
-def test_checkpoint_and_full_truncate_equal_unroll(exact, k):
-    plain, ckpt, trunc = _plain_checkpoint_truncate(exact, min(k, exact.steps))
+def test_unrolled_methods_equal_the_exact_unrolled_hypergradient(exact, k):
+    plain, forward, ckpt, trunc = _unrolled_methods(exact, min(k, exact.steps))
+    ref = _exact_values(exact)
+    for out in (plain, forward):   # bl.unroll(optax.sgd(exact.lr), exact.steps), and its forward_mode
+        assert _rel(out.grad, ref["unrolled_hypergrad"]) < 1e-9
+        assert _rel(out.params, ref["unrolled_response"]) < 1e-10
+        assert _rel(out.value, ref["unrolled_value"]) < 1e-10
+    assert float(forward.stats["clip_fraction"]) == 0.0
     np.testing.assert_allclose(ckpt.grad, plain.grad, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(trunc.grad, plain.grad, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(ckpt.value, plain.value, rtol=1e-13)
