@@ -8,7 +8,8 @@ JAX start-up for a few milliseconds of work) run together in one interpreter
 (`quick_calls`): each is `runpy.run_module("bilevel", run_name="__main__")`, which is what
 `python -m bilevel` does, with its own `sys.argv`, stdout and stderr, its exit status taken
 from `SystemExit` and any other exception printed as the interpreter would (a traceback, status
-1). Every case keeps its own assertions.
+1). The three demo runs that do work share one interpreter the same way (`demo_runs`); `check`
+and `bench` run in interpreters of their own. Every case keeps its own assertions.
 """
 
 import json
@@ -90,6 +91,17 @@ def _quick_argvs(base):
     return calls
 
 
+def run_each(calls, base, env=None):
+    """`case -> (CompletedProcess, base / case)` for `{case: argv}`: every argv through `_RUN_EACH`,
+    in order, in one interpreter."""
+    proc = subprocess.run([sys.executable, "-c", _RUN_EACH], input=json.dumps(
+        [[str(a) for a in argv] for argv in calls.values()]), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    return {case: (subprocess.CompletedProcess(argv, r["returncode"], r["stdout"], r["stderr"]), base / case)
+            for (case, argv), r in zip(calls.items(), results)}
+
+
 @pytest.fixture(scope="module")
 def quick_calls(tmp_path_factory):
     """`case -> (CompletedProcess, the case's directory)` for every quick call, one interpreter."""
@@ -98,12 +110,7 @@ def quick_calls(tmp_path_factory):
     for case in calls:
         (base / case).mkdir()
     (base / "demo-unwritable" / "file").write_text("")   # a file where the output directory should go
-    proc = subprocess.run([sys.executable, "-c", _RUN_EACH], input=json.dumps(
-        [[str(a) for a in argv] for argv in calls.values()]), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(proc.stdout)
-    return {case: (subprocess.CompletedProcess(argv, r["returncode"], r["stdout"], r["stderr"]), base / case)
-            for (case, argv), r in zip(calls.items(), results)}
+    return run_each(calls, base)
 
 
 def test_check_command_runs_every_method_and_passes():
@@ -124,18 +131,39 @@ SMALL = ("--outer-steps", 3, "--inner-steps", 5, "--eval-steps", 20, "--quiet")
 
 
 @pytest.fixture(scope="module")
-def digits_demo(tmp_path_factory):
-    """One small demo run on digits for the two tests below (a run is ~15 s of CPU): two methods,
-    and the learning rate and starting penalty given explicitly (the NumPy reference of
-    `test_demo_start_row_is_plain_logistic_regression` uses them)."""
-    tmp_path = tmp_path_factory.mktemp("digits_demo")
-    out = cli("demo", *SMALL, "--methods", "unroll", "implicit-cg", "--lr", 0.1, "--log-lam0", -3,
-              "--out", tmp_path)
-    return out, tmp_path
+def demo_runs(tmp_path_factory):
+    """`case -> (CompletedProcess, the case's directory)` for the demo runs that do work.
+
+    They run one after the other in one interpreter, as `quick_calls` do (`python -m bilevel`
+    through runpy, each with its own argv, stdout, stderr and exit status), compiled with
+    `JAX_DISABLE_MOST_OPTIMIZATIONS=1` as `cli` runs them: the interpreter start and the demo's
+    imports (JAX, matplotlib, scikit-learn: ~4.5 s of CPU) are paid once, not per run. The
+    demo sets no global state (no JAX config, no environment); `check` (which turns on float64)
+    and `bench` (which sets XLA flags) keep interpreters of their own.
+
+    - `digits`: two methods, the learning rate and starting penalty given explicitly (the NumPy
+      reference of `test_demo_start_row_is_plain_logistic_regression` uses them);
+    - `mnist`: a tiny MNIST-format file (`mnist/tiny-mnist.npz`), output in `mnist/out`;
+    - `diverged`: --lr 50.
+    """
+    base = tmp_path_factory.mktemp("demo_runs")
+    rng = np.random.default_rng(0)
+    (base / "mnist").mkdir()
+    path = base / "mnist" / "tiny-mnist.npz"
+    np.savez(path, x_train=rng.integers(0, 256, (300, 784), dtype=np.uint8), y_train=rng.integers(0, 10, 300, dtype=np.uint8),
+             x_test=rng.integers(0, 256, (50, 784), dtype=np.uint8), y_test=rng.integers(0, 10, 50, dtype=np.uint8))
+    calls = {
+        "digits": ["demo", *SMALL, "--methods", "unroll", "implicit-cg", "--lr", 0.1, "--log-lam0", -3,
+                   "--out", base / "digits"],
+        "mnist": ["demo", *SMALL, "--data", "mnist", "--data-path", path, "--num-train", 200, "--num-val", 100,
+                  "--methods", "identity", "--out", base / "mnist" / "out"],
+        "diverged": ["demo", *SMALL, "--lr", 50, "--methods", "implicit-neumann", "--out", base / "diverged"],
+    }
+    return run_each(calls, base, env={**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"})
 
 
-def test_demo_on_digits_writes_table_plot_and_histories(digits_demo):
-    out, tmp_path = digits_demo
+def test_demo_on_digits_writes_table_plot_and_histories(demo_runs):
+    out, tmp_path = demo_runs["digits"]
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "results.json").read_text())
     assert set(rows) == {"start (no tuning)", "unroll", "implicit-cg", "random search"}
@@ -148,12 +176,12 @@ def test_demo_on_digits_writes_table_plot_and_histories(digits_demo):
     assert "| unroll |" in out.stdout and "| random search |" in out.stdout
 
 
-def test_demo_start_row_is_plain_logistic_regression(digits_demo):
+def test_demo_start_row_is_plain_logistic_regression(demo_runs):
     """The untuned row equals an independent numpy training at the starting penalty.
 
-    The run is `digits_demo`'s (--lr 0.1 --log-lam0 -3); the start row does not depend on
+    The run is `demo_runs["digits"]` (--lr 0.1 --log-lam0 -3); the start row does not depend on
     which methods are tuned after it."""
-    out, tmp_path = digits_demo
+    out, tmp_path = demo_runs["digits"]
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "results.json").read_text())["start (no tuning)"]
     data = bl.datasets.digits(seed=0)
@@ -172,13 +200,8 @@ def test_demo_start_row_is_plain_logistic_regression(digits_demo):
     assert row["val_loss"] == pytest.approx(val, rel=1e-4)       # the demo runs in float32
 
 
-def test_demo_on_mnist_from_a_path(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "tiny-mnist.npz"
-    np.savez(path, x_train=rng.integers(0, 256, (300, 784), dtype=np.uint8), y_train=rng.integers(0, 10, 300, dtype=np.uint8),
-             x_test=rng.integers(0, 256, (50, 784), dtype=np.uint8), y_test=rng.integers(0, 10, 50, dtype=np.uint8))
-    out = cli("demo", *SMALL, "--data", "mnist", "--data-path", path, "--num-train", 200, "--num-val", 100,
-              "--methods", "identity", "--out", tmp_path / "out")
+def test_demo_on_mnist_from_a_path(demo_runs):
+    out, _ = demo_runs["mnist"]   # 300/50 random 28×28 images written to an .npz
     assert out.returncode == 0, out.stderr
     assert "mnist, 200/100/50 train/val/test, 784 features" in out.stdout
 
@@ -198,10 +221,10 @@ def test_demo_bad_argument_reads_like_argparse(quick_calls):
     assert out.stderr.startswith("usage: bilevel demo") and "bilevel demo: error: --lr" in out.stderr, out.stderr
 
 
-def test_demo_flags_diverged_rows(tmp_path):
+def test_demo_flags_diverged_rows(demo_runs):
     """--lr 50 blows up the from-scratch trainings and the Neumann series (alpha = lr): the rows
     say so instead of showing a loss of 1e22, and a method whose tuning fails stops alone."""
-    out = cli("demo", *SMALL, "--lr", 50, "--methods", "implicit-neumann", "--out", tmp_path)
+    out, tmp_path = demo_runs["diverged"]
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "results.json").read_text())
     assert rows["random search"]["diverged"] and rows["start (no tuning)"]["diverged"]
