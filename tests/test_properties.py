@@ -190,27 +190,6 @@ METHOD_FACTORIES = {
 }
 
 
-@eqx.filter_jit
-def _jvp_and_hypergrad(exact, name, v):
-    """The jvp of λ ↦ outer(response(λ), λ) along v, and the hypergradient, of one method."""
-    method = METHOD_FACTORIES[name](_forward(exact, steps=300))
-    respond = bl.response(exact.problem, method)
-
-    def f(h):
-        return exact.problem.outer(respond(h, exact.params0, exact.inner_batch), h, exact.outer_batch)
-
-    _, jv = jax.jvp(f, (exact.hparams,), (v,))
-    return jv, _call(exact, method)
-
-
-@given(bst.ridge_per_coordinate_problems(), st.sampled_from(sorted(METHOD_FACTORIES)), st.integers(0, 2**31 - 1))
-def test_grad_dot_v_equals_jvp(exact, name, seed):
-    v = np.random.default_rng(seed).normal(size=exact.hparams.shape)
-    jv, out = _jvp_and_hypergrad(exact, name, v)
-    grad = np.asarray(out.grad)
-    np.testing.assert_allclose(jv, np.vdot(grad, v), rtol=1e-9, atol=1e-14 * float(np.linalg.norm(grad)))
-
-
 def _hypergrad_at(exact, name, lr, h):
     method = METHOD_FACTORIES[name](bl.unroll(optax.sgd(lr), steps=300))
     return bl.hypergrad(exact.problem, method)(h, exact.params0, exact.inner_batch, exact.outer_batch)
@@ -220,21 +199,38 @@ _hypergrad_single = eqx.filter_jit(_hypergrad_at)
 
 
 @eqx.filter_jit
-def _hypergrad_batched(exact, name, lr, hs):
-    return jax.vmap(_hypergrad_at, in_axes=(None, None, None, 0))(exact, name, lr, hs)
+def _jvp_and_batched(exact, name, lr, v, hs):
+    """Of one method: the jvp of λ ↦ outer(response(λ), λ) at exact.hparams along v, and the
+    hypergradients at the rows of hs under vmap."""
+    method = METHOD_FACTORIES[name](bl.unroll(optax.sgd(lr), steps=300))
+    respond = bl.response(exact.problem, method)
+
+    def f(h):
+        return exact.problem.outer(respond(h, exact.params0, exact.inner_batch), h, exact.outer_batch)
+
+    _, jv = jax.jvp(f, (exact.hparams,), (v,))
+    return jv, jax.vmap(_hypergrad_at, in_axes=(None, None, None, 0))(exact, name, lr, hs)
 
 
-@given(bst.ridge_problems(), st.sampled_from(sorted(METHOD_FACTORIES)))
-def test_vmap_equals_stacked_calls(exact, name):
+# One draw and two compiled programs per example (the jvp with the vmapped hypergradients, and
+# the single call) for what were two properties of the same ten methods on drawn ridge problems
+# with one log-penalty per coordinate (three programs, two draws): vmap equals stacked single
+# calls, and at exact.hparams (a row of hs) grad·v equals the jvp.
+@given(bst.ridge_per_coordinate_problems(), st.sampled_from(sorted(METHOD_FACTORIES)), st.integers(0, 2**31 - 1))
+def test_vmap_equals_stacked_calls_and_grad_dot_v_equals_jvp(exact, name, seed):
     # 1/L, passed to both programs as the same (traced) array
     lr = np.asarray(1.0 / _exact_values(exact)["hessian_eigenvalues"].max())
-    hs = np.asarray(exact.hparams) + np.linspace(-0.5, 0.5, 4)
-    batched = _hypergrad_batched(exact, name, lr, hs)
+    hs = np.asarray(exact.hparams) + np.linspace(-0.5, 0.5, 5)[:, None]   # hs[2] is exact.hparams
+    v = np.random.default_rng(seed).normal(size=exact.hparams.shape)
+    jv, batched = _jvp_and_batched(exact, name, lr, v, hs)
     grads, values = np.asarray(batched.grad), np.asarray(batched.value)
-    for i, h in enumerate(hs):
-        single = _hypergrad_single(exact, name, lr, np.asarray(h))   # one compile for the four single calls
+    singles = [_hypergrad_single(exact, name, lr, h) for h in hs]   # one compile for the five calls
+    for i, single in enumerate(singles):
         np.testing.assert_allclose(grads[i], single.grad, rtol=1e-10, atol=1e-15)
         np.testing.assert_allclose(values[i], single.value, rtol=1e-12)
+    np.testing.assert_array_equal(hs[2], exact.hparams)
+    grad = np.asarray(singles[2].grad)
+    np.testing.assert_allclose(jv, np.vdot(grad, v), rtol=1e-9, atol=1e-14 * float(np.linalg.norm(grad)))
 
 
 # The helper computes through `hypergrad_error`, eagerly: every operation of a drawn shape
