@@ -71,12 +71,56 @@ class SABAMemory(NamedTuple):
     - `outer`: `(∇_w F_j, ∇_λ F_j)`, leading axis `outer.num_batches`.
     - `inner_mean`, `outer_mean`: the means of the tables over their leading axis (kept up
       to date at every step rather than recomputed).
+    - `inner_pending`, `inner_pending_index`, `outer_pending`, `outer_pending_index`: the
+      rows the last step computed and the minibatch indices they belong to. A step writes
+      them into the tables at its start, before it reads its own rows, so `inner` and
+      `outer` lag one step behind; `flushed()` returns the up-to-date tables. (Reading a
+      row and then writing the same table within one step makes XLA copy the whole table
+      every step; written one step late, the update is in place.)
     """
 
     inner: tuple
     outer: tuple
     inner_mean: tuple
     outer_mean: tuple
+    inner_pending: tuple
+    inner_pending_index: jax.Array
+    outer_pending: tuple
+    outer_pending_index: jax.Array
+
+    def flushed(self) -> "SABAMemory":
+        """The memory with the pending rows written into the tables (the up-to-date tables).
+
+        **Returns:**
+
+        A `SABAMemory` whose `inner` and `outer` hold every minibatch's latest rows; the
+        pending rows are kept (writing them again changes nothing).
+
+        **Example:**
+
+        ```python
+        import jax, jax.numpy as jnp, optax
+        import bilevel as bl
+
+        X = jnp.linspace(-1.0, 1.0, 24).reshape(12, 2)
+        y = X @ jnp.array([1.0, -2.0])
+        inner = lambda w, lam, b: jnp.mean((b[0] @ w - b[1]) ** 2) + jnp.exp(lam) * w @ w
+        outer = lambda w, lam, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+        train, val = bl.sampler((X, y), 4), bl.sampler((X, y), 6)
+        driver = bl.saba(bl.Problem(inner, outer), 0.1, optax.sgd(0.01))
+        state = driver.init(jax.random.key(0), jnp.array(0.0), jnp.zeros(2), inner=train, outer=val)
+        state, _ = driver.run(state, train, val, 5)
+        tables = state.memory.flushed().inner[0]        # ∇_w G_i for each of the 3 minibatches
+        assert jnp.allclose(tables.mean(0), state.memory.inner_mean[0])
+        ```
+        """
+        return self._replace(inner=_write_rows(self.inner, self.inner_pending, self.inner_pending_index),
+                             outer=_write_rows(self.outer, self.outer_pending, self.outer_pending_index))
+
+
+def _write_rows(table, rows, index):
+    return jax.tree_util.tree_map(
+        lambda x, a: jax.lax.dynamic_update_index_in_dim(x, a, index, 0), table, rows)
 
 
 class StochasticState(NamedTuple):
@@ -352,12 +396,15 @@ class SOBA(_StochasticDriver):
 
 
 def _saga(table, mean, new, index, n: int):
-    """SAGA: estimate new − table[i] + mean; then table[i] ← new and the mean follows."""
-    old = jax.tree_util.tree_map(lambda x: x[index], table)
+    """SAGA: estimate new − table[i] + mean, and the mean once table[i] ← new.
+
+    The write itself is left to the caller (`SABAMemory`'s pending rows, written at the start
+    of the next step): a read and a write of one table in the same step make XLA copy it."""
+    old = jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, 0, keepdims=False),
+                                 table)
     estimate = jax.tree_util.tree_map(lambda a, b, m: a - b + m, new, old, mean)
-    table = jax.tree_util.tree_map(lambda x, a: x.at[index].set(a), table, new)
     mean = jax.tree_util.tree_map(lambda m, a, b: m + (a - b) / n, mean, new, old)
-    return estimate, table, mean
+    return estimate, mean
 
 
 @eqx.filter_jit
@@ -368,7 +415,10 @@ def _fill_memory(problem: Problem, w, lam, v, inner: Sampler, outer: Sampler) ->
     inner_tab = jax.vmap(lambda b: _inner_oracles(problem, w, lam, v, b))(inner.batches)
     outer_tab = jax.vmap(lambda b: _outer_grads(problem, w, lam, b)[1])(outer.batches)
     mean = lambda tab: jax.tree_util.tree_map(lambda x: jnp.mean(x, axis=0), tab)
-    return SABAMemory(inner_tab, outer_tab, mean(inner_tab), mean(outer_tab))
+    first = lambda tab: jax.tree_util.tree_map(lambda x: x[0], tab)      # a no-op pending write
+    zero = jnp.zeros((), jnp.int32)
+    return SABAMemory(inner_tab, outer_tab, mean(inner_tab), mean(outer_tab),
+                      first(inner_tab), zero, first(outer_tab), zero)
 
 
 def _table_rows(tables) -> int:
@@ -452,12 +502,13 @@ class SABA(_StochasticDriver):
         w, v, lam = state.params, state.v, state.hparams
         new_inner = _inner_oracles(self.problem, w, lam, v, bi)
         value, new_outer = _outer_grads(self.problem, w, lam, bj)
-        (g, hv, cross), inner_tab, inner_mean = _saga(memory.inner, memory.inner_mean, new_inner, i,
-                                                      inner.num_batches)
-        (fw, fl), outer_tab, outer_mean = _saga(memory.outer, memory.outer_mean, new_outer, j,
-                                                outer.num_batches)
+        memory = memory.flushed()                   # last step's rows, written before this step reads
+        (g, hv, cross), inner_mean = _saga(memory.inner, memory.inner_mean, new_inner, i,
+                                           inner.num_batches)
+        (fw, fl), outer_mean = _saga(memory.outer, memory.outer_mean, new_outer, j, outer.num_batches)
         d_lam = _add(cross, fl)
-        memory = SABAMemory(inner_tab, outer_tab, inner_mean, outer_mean)
+        memory = SABAMemory(memory.inner, memory.outer, inner_mean, outer_mean,
+                            new_inner, jnp.asarray(i, jnp.int32), new_outer, jnp.asarray(j, jnp.int32))
         new = _single_loop_update(self, state, g, _add(hv, fw), d_lam, memory)
         return new, StochasticInfo(value, d_lam, new.hparams, i, j, _count(4))
 

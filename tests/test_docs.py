@@ -19,7 +19,7 @@ METHODS_WITH_DOCS = [bl.Online.init, bl.Online.step, bl.Online.run, bl.HyperOpt.
                      bl.HypertrainGlobal.init, bl.HypertrainGlobal.step, bl.Hypertrain.init, bl.Hypertrain.step]
 METHODS_WITH_DOCS += [getattr(cls, name) for cls in (bl.SOBA, bl.SABA, bl.StocBiO, bl.AmIGO, bl.F2SA, bl.BOME)
                       for name in ("init", "step", "run")]
-METHODS_WITH_DOCS += [bl.Sampler.index, bl.Sampler.draw, bl.Sampler.indices]
+METHODS_WITH_DOCS += [bl.Sampler.index, bl.Sampler.draw, bl.Sampler.indices, bl.SABAMemory.flushed]
 
 
 def _examples():

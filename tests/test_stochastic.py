@@ -121,7 +121,7 @@ def numpy_saba(infos, rho, gamma, v):
         d_lam = est_in[2] + est_out[1]
         w, v, lam = w - rho * est_in[0], v - rho * (est_in[1] + est_out[0]), lam - gamma * d_lam
         out.append((value, d_lam, lam))
-    return w, v, out, np.mean([m[0] for m in mem_in], 0)
+    return w, v, out, mem_in, mem_out
 
 
 def numpy_stocbio(infos, alpha, eta, gamma, T, Q):
@@ -189,11 +189,21 @@ def test_soba_matches_the_paper_equations():
 
 def test_saba_matches_the_paper_equations_with_its_memory():
     state, infos = _run("saba", v=jnp.asarray(V0))  # a carried v: the HVP and cross tables start nonzero
-    w, v, out, mean_grad = numpy_saba(infos, 0.1, 0.05, V0.copy())
+    w, v, out, mem_in, mem_out = numpy_saba(infos, 0.1, 0.05, V0.copy())
     _compare(state, infos, w, v, out)
-    assert state.memory.inner[0].shape == (6, D) and state.memory.outer[1].shape == (3, D)
-    np.testing.assert_allclose(state.memory.inner_mean[0], mean_grad, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(state.memory.inner_mean[0], np.mean(state.memory.inner[0], 0), rtol=1e-10)
+    memory = state.memory.flushed()                 # the tables with the last step's rows written
+    assert memory.inner[0].shape == (6, D) and memory.outer[1].shape == (3, D)
+    for k in range(3):
+        np.testing.assert_allclose(memory.inner[k], np.stack([m[k] for m in mem_in]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(state.memory.inner_mean[k], np.mean(memory.inner[k], 0), rtol=1e-10, atol=1e-12)
+    for k in range(2):
+        np.testing.assert_allclose(memory.outer[k], np.stack([m[k] for m in mem_out]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(state.memory.outer_mean[k], np.mean(memory.outer[k], 0), rtol=1e-10, atol=1e-12)
+    # The stored tables lag one step: only the last drawn rows differ from the flushed ones.
+    last_i, last_j = int(infos.inner_index[-1]), int(infos.outer_index[-1])
+    assert int(state.memory.inner_pending_index) == last_i and int(state.memory.outer_pending_index) == last_j
+    others = np.arange(6) != last_i
+    np.testing.assert_array_equal(state.memory.inner[0][others], memory.inner[0][others])
 
 
 def test_stocbio_matches_the_paper_equations_and_draws_fresh_minibatches():
