@@ -7,6 +7,7 @@ Hypothesis profiles: `ci` (default, a meaningful but bounded number of examples)
 (select with HYPOTHESIS_PROFILE=thorough for long local runs).
 """
 
+import gc
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -59,3 +60,18 @@ def full_optimization():
     jax.config.update(name, False)
     yield
     jax.config.update(name, previous)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compilation caches after each test module.
+
+    Every compiled XLA:CPU program keeps its machine code in memory mappings of its own until
+    it is freed, and JAX's caches keep every program a jitted function ever compiled. Over the
+    whole suite (thousands of programs) one process passes Linux's default limit of 65,530
+    mappings per process (`vm.max_map_count`), and the next compilation dies with a
+    segmentation fault. Programs a module still holds (module-level compiled objects) stay.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
