@@ -123,6 +123,14 @@ from ._stochastic import (
 )
 from ._search import SearchResult as SearchResult, grid_search as grid_search, random_search as random_search
 from ._problem import PerStep as PerStep, Problem as Problem, per_step as per_step
-from ._unroll import Truncate as Truncate, Unroll as Unroll, truncate as truncate, unroll as unroll
+from ._meta import anchored as anchored, over_tasks as over_tasks, per_parameter_sgd as per_parameter_sgd
+from ._unroll import (
+    FirstOrder as FirstOrder,
+    Truncate as Truncate,
+    Unroll as Unroll,
+    first_order as first_order,
+    truncate as truncate,
+    unroll as unroll,
+)
 
 __version__ = "0.1.0"

@@ -58,6 +58,12 @@ class AbstractMethod(eqx.Module):
         """Raise at trace time when reverse mode through the method cannot fit in memory."""
         del hparams, params0
 
+    def _start_refusal(self) -> str | None:
+        """Why this method cannot differentiate a start point defined by the hyperparameters
+        (`Problem(start=...)`), or None when it can (methods that differentiate the run)."""
+        return (f"{type(self).__name__} does not differentiate through the inner run from its "
+                "start, so the hyperparameters' path through the start point would be dropped")
+
     def _allows_complex(self) -> bool:
         """Whether complex inner parameters are differentiated correctly (autodiff: yes)."""
         return True

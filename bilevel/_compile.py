@@ -54,6 +54,29 @@ def _check_problem_method(problem, method, where: str) -> None:
             f"{where} requires a method such as bilevel.unroll(optax.sgd(0.1), steps=100) as "
             f"second argument; got {type(method).__name__} {method!r}."
         )
+    if problem.start is not None and (reason := method._start_refusal()) is not None:
+        raise TypeError(
+            f"{where}: the problem's start point depends on the hyperparameters "
+            f"(Problem(start=...)), but {reason}. Use bilevel.unroll(optimizer, steps) for the "
+            "exact meta-gradient (MAML), bilevel.first_order(bilevel.unroll(...)) for first-order "
+            "MAML, or, for implicit MAML, drop start and put the meta-parameters into the inner "
+            "loss as a proximal centre: inner=bilevel.anchored(loss, strength) with "
+            "bilevel.implicit(...)."
+        )
+
+
+def _start(problem: Problem, hparams, params0, where: str):
+    """params0, or the start point `problem.start(hparams)` (then params0 must be None)."""
+    if problem.start is None:
+        return params0
+    if params0 is not None:
+        raise TypeError(
+            f"{where}: the problem defines its start point from the hyperparameters "
+            "(Problem(start=...)), so params0 must be None; got params0="
+            f"{tree_summary(params0)}. Pass None (the run starts at start(hparams)), or build the "
+            "problem without start to start from params0."
+        )
+    return problem.start(hparams)
 
 
 def _first_batch(batch):
@@ -140,6 +163,7 @@ def response(problem: Problem, method: AbstractMethod) -> Callable:
 
     def respond(hparams, params0, inner_batch):
         hparams, params0, inner_batch = canonical((hparams, params0, inner_batch))
+        params0 = canonical(_start(problem, hparams, params0, "response(problem, method)(hparams, params0, inner_batch)"))
         _check_call(problem, method, hparams, params0, inner_batch)
         split, arrays, full = _split_params(problem, method, params0)
         arrays = _vary_like(arrays, hparams, inner_batch)
@@ -196,13 +220,18 @@ def hypergrad(problem: Problem, method: AbstractMethod) -> Callable:
     def hg(hparams, params0, inner_batch, outer_batch, adjoint0=None):
         hparams, params0, inner_batch, outer_batch, adjoint0 = canonical(
             (hparams, params0, inner_batch, outer_batch, adjoint0))
+        params0 = canonical(_start(problem, hparams, params0, "hypergrad(problem, method)(hparams, params0, ...)"))
         _check_call(problem, method, hparams, params0, inner_batch, outer_batch, outer=True)
         split, arrays, full = _split_params(problem, method, params0)
         method._check_memory(hparams, arrays)
         arrays = _vary_like(arrays, hparams, inner_batch, outer_batch)
 
         def loss(h, probe):
-            params, stats = method._run(split, h, arrays, inner_batch, probe)
+            start = arrays
+            if problem.start is not None:      # MAML: the run starts at start(λ), differentiated
+                start = _vary_like(eqx.filter(canonical(problem.start(h)), eqx.is_inexact_array),
+                                   hparams, inner_batch, outer_batch)
+            params, stats = method._run(split, h, start, inner_batch, probe)
             return split.outer(params, h, outer_batch), (params, stats)
 
         probe = _vary_like(method._probe(_probe_dtype(arrays), arrays, adjoint0),

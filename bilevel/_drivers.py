@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._problem import Problem
+from ._problem import Problem, refuse_start
 from ._sampler import Sampler
 
 PyTree = Any
@@ -31,6 +31,7 @@ def check_problem(problem, where: str) -> None:
             f"{where} requires a bilevel.Problem as first argument; got "
             f"{type(problem).__name__}. Build one with bilevel.Problem(inner=..., outer=...)."
         )
+    refuse_start(problem, where)
 
 
 def check_step_size(value, name: str, where: str) -> StepSize:

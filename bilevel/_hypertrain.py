@@ -27,7 +27,7 @@ from ._best_response import best_response, check_output
 from ._implicit import implicit
 from ._linear_solvers import AbstractLinearSolver
 from ._optimize import HyperOpt, HyperOptState, _identity, _like, _strong
-from ._problem import Problem, check_hparams, check_params0, tree_summary, typed_summary
+from ._problem import Problem, check_hparams, check_params0, refuse_start, tree_summary, typed_summary
 from ._unroll import _check_int
 
 PyTree = Any
@@ -177,6 +177,7 @@ class HypertrainGlobal(eqx.Module):
         where = "hypertrain_global(problem, optimizer, sample)"
         if not isinstance(self.problem, Problem):
             raise TypeError(f"{where} requires a bilevel.Problem; got {type(self.problem).__name__}.")
+        refuse_start(self.problem, where)
         _check_optimizer(self.optimizer, "optimizer", where)
         if not callable(self.sample):
             raise TypeError(
@@ -329,6 +330,7 @@ class Hypertrain(eqx.Module):
                  else "hypertrain_simplified(problem, hypernet_optimizer, outer_optimizer, ...)")
         if not isinstance(self.problem, Problem):
             raise TypeError(f"{where} requires a bilevel.Problem; got {type(self.problem).__name__}.")
+        refuse_start(self.problem, where)
         _check_optimizer(self.hypernet_optimizer, "hypernet_optimizer", where)
         _check_optimizer(self.outer_optimizer, "outer_optimizer", where)
         if self.perturb is not None and not callable(self.perturb):

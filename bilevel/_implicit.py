@@ -187,6 +187,11 @@ class Implicit(AbstractMethod):
         adjoint = _tmap(jnp.asarray, adjoint0) if warm else _tmap(jnp.zeros_like, params)
         return _Probe(self.linear_solver.stats_template(dtype), adjoint, warm)
 
+    def _start_refusal(self) -> str | None:
+        return ("implicit(...) differentiates the fixed point of the inner problem, which does "
+                "not depend on where the inner run started: the meta-gradient through the start "
+                "point would be exactly zero")
+
     def _allows_complex(self) -> bool:
         return False
 

@@ -26,7 +26,8 @@ import optax
 
 from ._base import inner_grad, tree_norm
 from ._forward import hparam_basis, initial_tangents, project, pullback, tangent_step
-from ._problem import PerStep, Problem, canonical, check_hparams, check_loss, check_params0, check_per_step
+from ._problem import (PerStep, Problem, canonical, check_hparams, check_loss, check_params0, check_per_step,
+                       refuse_start)
 from ._unroll import OptimizerLike, check_optimizer, optimizer_at
 
 PyTree = Any
@@ -123,6 +124,7 @@ class Online(eqx.Module):
                 f"{where} requires a bilevel.Problem as first argument; got "
                 f"{type(self.problem).__name__}. Build one with bilevel.Problem(inner=..., outer=...)."
             )
+        refuse_start(self.problem, where)
         check_optimizer(self.optimizer, "optimizer", where)
         if not isinstance(self.hyper_optimizer, optax.GradientTransformation):
             raise TypeError(

@@ -25,7 +25,7 @@ from . import _checkpoint as ckpt
 from ._base import AbstractMethod, tree_norm
 from ._compile import _check_problem_method, hypergrad
 from ._implicit import Implicit
-from ._problem import Problem, check_hparams, tree_summary
+from ._problem import Problem, check_hparams, refuse_start, tree_summary
 
 PyTree = Any
 
@@ -96,6 +96,7 @@ class HyperOpt(eqx.Module):
     def __check_init__(self):
         where = "hyperopt(problem, method, outer_optimizer, ...)"
         _check_problem_method(self.problem, self.method, where)
+        refuse_start(self.problem, where)
         if not isinstance(self.outer_optimizer, optax.GradientTransformation):
             raise TypeError(
                 f"{where} requires `outer_optimizer` to be an optax.GradientTransformation for the "

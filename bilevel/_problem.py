@@ -29,6 +29,15 @@ class Problem(eqx.Module):
 
     - `inner`: the training loss `L_T(params, hparams, batch) -> scalar`.
     - `outer`: the validation loss `L_V(params, hparams, batch) -> scalar`.
+    - `start`: optional `start(hparams) -> params`, the inner run's starting point as a
+      function of the hyperparameters (MAML: `start=lambda h: h`, the meta-learned
+      initialisation; Meta-SGD: `start=lambda h: h["init"]`). The response then starts at
+      `start(λ)` and the hypergradient includes the path through it; call the compiled
+      functions with `params0=None`. Only methods that differentiate through the inner run
+      accept it: `bilevel.unroll` (exact) and `bilevel.first_order` (first-order MAML).
+      `implicit` refuses it, since the fixed point it differentiates does not depend on
+      where the run started (for implicit MAML, put the meta-parameters into the inner loss
+      as a proximal centre: `bilevel.anchored`).
 
     **Example:**
 
@@ -50,6 +59,7 @@ class Problem(eqx.Module):
 
     inner: Callable = eqx.field(static=True)
     outer: Callable = eqx.field(static=True)
+    start: Callable | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         for name in ("inner", "outer"):
@@ -61,6 +71,26 @@ class Problem(eqx.Module):
                     f"{fn!r}. Pass the loss function itself, e.g. Problem(inner=train_loss, "
                     "outer=val_loss)."
                 )
+        if self.start is not None and not callable(self.start):
+            raise TypeError(
+                "Problem(start=...) requires a callable `start(hparams) -> params` (the inner "
+                f"run's starting point as a function of the hyperparameters); got "
+                f"{type(self.start).__name__} {self.start!r}. For MAML write "
+                "Problem(inner, outer, start=lambda h: h); for a fixed start, leave start unset "
+                "and pass params0."
+            )
+
+
+def refuse_start(problem: Problem, where: str) -> None:
+    """Raise for a problem with a hyperparameter-defined start in a driver that ignores it."""
+    if problem.start is not None:
+        raise TypeError(
+            f"{where} does not support Problem(start=...): it runs the inner parameters from "
+            "the params it is given and would silently drop the path from the hyperparameters "
+            "through the start point. Compute meta-gradients with bilevel.hypergrad(problem, "
+            "bilevel.unroll(...)) (or bilevel.first_order(bilevel.unroll(...))), or build the "
+            "problem without start and pass params0."
+        )
 
 
 class PerStep(eqx.Module):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import Literal as _Literal
 
 from ._base import AbstractMethod, grad_norm_stats, inner_grad
 from ._problem import PerStep, Problem, check_per_step
@@ -169,14 +170,17 @@ class Unroll(AbstractMethod):
     def _check_memory(self, hparams, params0) -> None:
         check_reverse_memory(self, hparams, params0, self.steps, f"unroll(steps={self.steps})")
 
-    def _scan(self, problem: Problem, opt, hparams, carry, batch, n: int):
-        """Run `n` optimizer steps from `carry = (params, opt_state)` with `lax.scan`."""
+    def _scan(self, problem: Problem, opt, hparams, carry, batch, n: int, first_order: bool = False):
+        """Run `n` optimizer steps from `carry = (params, opt_state)` with `lax.scan`
+        (`first_order`: the inner gradients are constants to differentiation)."""
         grad = inner_grad(problem)
         per_step = isinstance(batch, PerStep)
 
         def step(carry, b):
             params, state = carry
             g = grad(params, hparams, b if per_step else batch)
+            if first_order:
+                g = jax.lax.stop_gradient(g)
             updates, state = opt.update(g, state, params)
             return (optax.apply_updates(params, updates), state), None
 
@@ -197,7 +201,7 @@ class Unroll(AbstractMethod):
         tail = _slice_steps(batch, n_seg * k, n)
         return jax.lax.scan(step, carry, tail.batches if per_step else None, length=rem)[0]
 
-    def _unrolled(self, problem, hparams, params0, batch, differentiate_last: int):
+    def _unrolled(self, problem, hparams, params0, batch, differentiate_last: int, first_order: bool = False):
         """Run all steps; gradients flow only through the last `differentiate_last` steps."""
         opt = self._optimizer(hparams)
         carry = (params0, opt.init(params0))
@@ -208,13 +212,16 @@ class Unroll(AbstractMethod):
                                _slice_steps(batch, 0, frozen), frozen)
             carry = jax.lax.stop_gradient(carry)
         carry = self._scan(problem, opt, hparams, carry,
-                           _slice_steps(batch, frozen, self.steps), differentiate_last)
+                           _slice_steps(batch, frozen, self.steps), differentiate_last, first_order)
         params = carry[0]
         return params, grad_norm_stats(problem, params, hparams, _last_batch(batch))
 
     def _run(self, problem, hparams, params0, batch, probe):
         del probe
         return self._unrolled(problem, hparams, params0, batch, self.steps)
+
+    def _start_refusal(self) -> str | None:
+        return None
 
 
 def _last_batch(batch):
@@ -257,6 +264,106 @@ class Truncate(AbstractMethod):
         params, stats = self.method._unrolled(problem, hparams, params0, batch, self.last)
         # Flags the approximation: the first steps - last steps are not differentiated.
         return params, {**stats, "truncated_steps": jnp.asarray(self.method.steps - self.last, jnp.int32)}
+
+    def _start_refusal(self) -> str | None:
+        return (f"truncate(..., last={self.last}) differentiates only the last {self.last} of "
+                f"{self.method.steps} steps, so the path from the start point would be dropped "
+                "(it is exactly zero)")
+
+
+def _reaches(jaxpr, inputs) -> bool:
+    """Whether any output of `jaxpr` depends on the invars at positions `inputs` (conservative:
+    an equation with a dependent input makes all its outputs dependent)."""
+    tainted = {id(jaxpr.invars[i]) for i in inputs}
+    for eqn in jaxpr.eqns:
+        if any(id(v) in tainted for v in eqn.invars if not isinstance(v, _Literal)):
+            tainted.update(id(v) for v in eqn.outvars)
+    return any(id(v) in tainted for v in jaxpr.outvars if not isinstance(v, _Literal))
+
+
+def _inner_grad_uses_hparams(problem: Problem, hparams, params, batch) -> bool:
+    closed = jax.make_jaxpr(lambda h: inner_grad(problem)(params, h, batch))(hparams)
+    return _reaches(closed.jaxpr, range(len(closed.jaxpr.invars)))
+
+
+class FirstOrder(AbstractMethod):
+    """An unroll whose inner gradients are constants to differentiation. See `bilevel.first_order`."""
+
+    method: Unroll
+
+    def __check_init__(self):
+        if not isinstance(self.method, Unroll):
+            raise TypeError(
+                "first_order(method) requires an unrolled method, bilevel.unroll(...); got "
+                f"{type(self.method).__name__}. It treats the inner gradients of an unroll as "
+                "constants (first-order MAML): write bilevel.first_order(bilevel.unroll(optimizer, steps))."
+            )
+
+    def _check_batch(self, inner_batch) -> None:
+        self.method._check_batch(inner_batch)
+
+    def _check_memory(self, hparams, params0) -> None:
+        check_reverse_memory(self.method, hparams, params0, self.method.steps, "first_order(unroll(...))")
+
+    def _run(self, problem, hparams, params0, batch, probe):
+        del probe
+        if _inner_grad_uses_hparams(problem, hparams, params0, _last_batch(batch)):
+            raise TypeError(
+                "first_order(unroll(...)) treats the inner gradients ∇_w L_T(w_t, λ) as constants, "
+                "so hyperparameters that enter the inner loss would get a hypergradient of exactly "
+                "zero, and this inner loss depends on the hyperparameters. Use bilevel.unroll for "
+                "the exact hypergradient, or make the inner loss independent of hparams (first-order "
+                "MAML differentiates only the start point, Problem(start=...), and the optimizer's "
+                "settings)."
+            )
+        params, stats = self.method._unrolled(problem, hparams, params0, batch, self.method.steps,
+                                              first_order=True)
+        return params, {**stats, "first_order": jnp.asarray(True)}
+
+    def _start_refusal(self) -> str | None:
+        return None
+
+
+def first_order(method: Unroll) -> FirstOrder:
+    """First-order MAML: differentiate an unroll with its inner gradients held constant.
+
+    The forward pass is the unroll's. In the backward pass each step's gradient
+    ∇_w L_T(w_t, λ) is a constant (`jax.lax.stop_gradient`), so the Jacobian of w_T with
+    respect to the start point is the identity for gradient descent (the dependence through
+    the Hessians is dropped): with `Problem(start=lambda h: h)` the meta-gradient is
+    ∇L_V(w_T), the first-order MAML of Finn et al. (2017). Optimizer settings that are
+    hyperparameters (`unroll(lambda h: optax.sgd(h["lr"]), ...)`) get the first-order
+    derivative through the updates, −Σ_t ∇_w L_T(w_t) for a learning rate of SGD.
+
+    An approximation, not the exact derivative: the stats add `first_order` (True), and a
+    hypergradient of hyperparameters that enter the inner loss would be exactly zero, so
+    an inner loss that depends on `hparams` raises a `TypeError` when traced.
+
+    **Arguments:**
+
+    - `method`: a method built by `bilevel.unroll` (its steps, optimizer and checkpointing
+      are kept).
+
+    **Returns:**
+
+    A method to pass to `bilevel.response` or `bilevel.hypergrad`.
+
+    **Example:**
+
+    ```python
+    import jax.numpy as jnp
+    import optax
+    import bilevel as bl
+
+    task = lambda w, _, b: 0.5 * jnp.sum((w - b) ** 2)       # the task: reach the target b
+    problem = bl.Problem(inner=task, outer=task, start=lambda h: h)   # λ is the initialisation
+    fomaml = bl.hypergrad(problem, bl.first_order(bl.unroll(optax.sgd(0.1), steps=5)))
+    out = fomaml(jnp.zeros(3), None, jnp.ones(3), 2.0 * jnp.ones(3))
+    # first-order MAML's meta-gradient is ∇L_V(w_T) = w_T − 2
+    assert jnp.allclose(out.grad, out.params - 2.0)
+    ```
+    """
+    return FirstOrder(method)
 
 
 def unroll(optimizer: OptimizerLike, steps: int, *, checkpoint: int | None = None) -> Unroll:

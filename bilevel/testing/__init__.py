@@ -13,7 +13,9 @@ the losses, so a method can be checked against it at float64 precision:
   hypernet can represent exactly;
 - [`bilevel.testing.BilevelQuadratic`][]: the quadratic of benchopt's `benchmark_bilevel`,
   inner and outer losses that are means of per-sample quadratics (for stochastic methods),
-  with its unique optimal λ.
+  with its unique optimal λ;
+- [`bilevel.testing.QuadraticTasks`][]: a batch of quadratic meta-learning tasks with MAML,
+  first-order MAML, Meta-SGD and iMAML meta-gradients in closed form.
 
 Problems whose inner solution is defined by an optimality condition rather than by
 `∇_w L_T = 0` (for implicit differentiation through proximal-gradient, projected-gradient,
@@ -56,6 +58,7 @@ from ._check import (
 from ._affine import AffineResponse as AffineResponse
 from ._bench_quadratic import BilevelQuadratic as BilevelQuadratic
 from ._exact import AbstractExactProblem as AbstractExactProblem
+from ._meta_tasks import QuadraticTasks as QuadraticTasks
 from ._quadratic004 import Quadratic004 as Quadratic004
 from ._ridge import Ridge as Ridge, RidgePerCoordinate as RidgePerCoordinate
 from ._unrolled import UnrolledQuadratic as UnrolledQuadratic

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from ._affine import AffineResponse
 from ._bench_quadratic import BilevelQuadratic
+from ._meta_tasks import QuadraticTasks
 from ._common import check_int, check_range, check_real, resolve_dtype
 from ._constrained import BoxQP
 from ._quadratic004 import Quadratic004
@@ -494,5 +495,55 @@ def bilevel_quadratic_problems(
             n_samples=draw_(sizes), n_samples_outer=draw_(sizes),
             max_condition=max_condition, lam=draw_(_floats_in(hparams_range)), dtype=dtype,
         )
+
+    return draw()
+
+
+def quadratic_meta_tasks(
+    *, min_tasks=1, max_tasks=4, min_dim=1, max_dim=4, max_condition=10.0, dtype=None,
+) -> st.SearchStrategy[QuadraticTasks]:
+    """Draw [`bilevel.testing.QuadraticTasks`][] batches (quadratic meta-learning tasks).
+
+    **Arguments:**
+
+    - `min_tasks`, `max_tasks`: bounds on the number of tasks.
+    - `min_dim`, `max_dim`: bounds on the parameter dimension.
+    - `max_condition`: κ >= 1, the bound on every task Hessian's condition number (their
+      eigenvalues lie in [1, κ], so gradient descent is stable for rates below 2/κ).
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `QuadraticTasks` instances.
+
+    **Example:**
+
+    ```python
+    import numpy as np
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.quadratic_meta_tasks(max_dim=3))
+    def test_zero_steps_adapt_nothing(tasks):
+        w = tasks.adapted(tasks.hparams, 0.1, 0)
+        np.testing.assert_allclose(w, np.broadcast_to(tasks.hparams, w.shape), rtol=1e-6)
+
+    test_zero_steps_adapt_nothing()
+    ```
+    """
+    where = "quadratic_meta_tasks"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, (-1.0, 1.0), -np.inf, dtype)
+    lo = check_int(min_tasks, "min_tasks", where, 1, 1)
+    hi = check_int(max_tasks, "max_tasks", where, 1, 4)
+    if hi < lo:
+        raise ValueError(f"{where} requires min_tasks <= max_tasks; got {lo} and {hi}. Raise "
+                         "max_tasks or lower min_tasks.")
+
+    @st.composite
+    def draw(draw_):
+        return QuadraticTasks.sample(draw_(_SEEDS), num_tasks=draw_(st.integers(lo, hi)),
+                                     dim=draw_(st.integers(min_dim, max_dim)),
+                                     max_condition=max_condition, dtype=dtype)
 
     return draw()
