@@ -8,6 +8,7 @@ fewer backend optimisations, which roughly halves the time.
 
 import importlib.util
 import json
+import math
 import pathlib
 
 import jax
@@ -90,3 +91,26 @@ def test_stochastic_benchmark_quick_runs_every_method_and_answers_the_goal(tmp_p
     markdown = (tmp_path / "data_cleaning.md").read_text()
     assert markdown.count("\n| ") == 1 + len(script.METHODS) and "**Goal:**" in markdown  # header + rows
     assert "## Goal" in (tmp_path / "summary.md").read_text()
+
+
+def test_meta_sinusoid_quick_runs_every_method_and_reports_speed_and_memory(tmp_path, quick_compilation):
+    script = _load("meta_sinusoid")
+    script.main(["--quick", "--out", str(tmp_path), "--assets", str(tmp_path)])
+    result = json.loads((tmp_path / "sinusoid.json").read_text())
+    assert list(result["methods"]) == list(script.METHODS)
+    for name, method in result["methods"].items():
+        curve = method["curve"]
+        assert curve["iteration"][-1] == result["settings"]["iterations"], name
+        for column in ("pre", "own", "sgd10"):
+            for point in curve[column]:
+                assert math.isfinite(point["mean"]) and point["mean"] > 0 and math.isfinite(point["ci95"]), name
+        assert all(math.isfinite(x) for x in curve["train_loss"]), name
+    assert result["speed"] and all(r["loop_seconds"] > 0 and r["vmap_seconds"] > 0 for r in result["speed"])
+    # the vmapped call's mean gradient is the loop's (float32)
+    assert all(r["max_rel_diff"] < 1e-4 for r in result["speed"])
+    assert result["memory"] and all(r["temp_size_in_bytes"] > 0 for r in result["memory"])
+    markdown = (tmp_path / "sinusoid.md").read_text()
+    for section in ("table", "curve", "speed", "memory"):
+        assert f"[start:{section}]" in markdown and f"[end:{section}]" in markdown, section
+    assert markdown.count("\n| ") >= 1 + len(script.METHODS)
+    assert (tmp_path / "meta_sinusoid.png").stat().st_size > 0
