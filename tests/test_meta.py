@@ -75,9 +75,8 @@ def test_imaml_does_not_depend_on_where_the_inner_solve_starts():
 
 
 def _meta_sgd_problem():
-    inner = lambda w, h, b: blt.QuadraticTasks.sample(0).problem.inner(w, None, b)   # noqa: E731
-    outer = lambda w, h, b: blt.QuadraticTasks.sample(0).problem.outer(w, None, b)   # noqa: E731
-    return bl.Problem(inner, outer, start=lambda h: h["init"])
+    base = blt.QuadraticTasks.sample(0).problem          # task losses that ignore the hyperparameters
+    return bl.Problem(base.inner, base.outer, start=lambda h: h["init"])
 
 
 def test_meta_sgd_learns_the_initialisation_and_one_rate_per_parameter():
@@ -210,3 +209,4 @@ def test_per_parameter_sgd_refuses_rates_of_another_tree():
     opt = bl.per_parameter_sgd({"a": jnp.ones(2)})
     with pytest.raises(ValueError, match="tree of the parameters"):
         opt.update({"b": jnp.ones(2)}, opt.init(None))
+
