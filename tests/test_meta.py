@@ -210,3 +210,27 @@ def test_per_parameter_sgd_refuses_rates_of_another_tree():
     with pytest.raises(ValueError, match="tree of the parameters"):
         opt.update({"b": jnp.ones(2)}, opt.init(None))
 
+
+@pytest.mark.parametrize("call, error, needle", [
+    (lambda: blt.QuadraticTasks.sample(-1), ValueError, "seed >= 0"),
+    (lambda: blt.QuadraticTasks.sample(0, num_tasks=0), ValueError, "num_tasks >= 1"),
+    (lambda: blt.QuadraticTasks.sample(0, dim=2.5), TypeError, "integer dim"),
+    (lambda: blt.QuadraticTasks.sample(0, max_condition=0.5), ValueError, "max_condition"),
+    (lambda: blt.QuadraticTasks.sample(0).adapted(np.zeros(3), -0.1, 2), ValueError, "lr > 0"),
+    (lambda: blt.QuadraticTasks.sample(0).maml_grad(np.zeros(3), 0.1, -1), ValueError, "steps >= 0"),
+    (lambda: blt.QuadraticTasks.sample(0).imaml_grad(np.zeros(3), 0.0), ValueError, "strength"),
+    (lambda: bst.quadratic_meta_tasks(min_tasks=3, max_tasks=2), ValueError, "min_tasks <= max_tasks"),
+])
+def test_quadratic_tasks_refuse_bad_arguments(call, error, needle):
+    with pytest.raises(error, match=needle):
+        call()
+
+
+def test_a_nan_in_one_task_makes_the_meta_gradient_nan_not_zero():
+    tasks = blt.QuadraticTasks.sample(6, num_tasks=3, dim=2, max_condition=KAPPA)
+    B, d = tasks.outer_data
+    bad = (B, d.at[1, 0].set(jnp.nan))
+    for fn in (MAML[3], FOMAML, IMAML["cg"]):
+        p0 = None if fn is not IMAML["cg"] else jnp.zeros(2)
+        out = fn(tasks.hparams, p0, tasks.inner_data, bad)
+        assert np.all(np.isnan(out.grad)) and np.isnan(out.value)
