@@ -34,6 +34,7 @@ from ._compile import (
     hypergrad as hypergrad,
     response as response,
 )
+from ._drmad import DrMAD as DrMAD, drmad as drmad
 from ._forward import ForwardMode as ForwardMode, forward_mode as forward_mode
 from ._first_order import (
     BOME as BOME,

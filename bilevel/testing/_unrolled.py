@@ -288,6 +288,39 @@ class UnrolledQuadratic(AbstractExactProblem):
         return self._outer_grad(self.unrolled_response(hparams)) @ (self.Q @ dz)
 
 
+    def drmad_hypergrad(self, hparams) -> Array:
+        """The hypergradient DrMAD (Fu et al. 2016) returns for the `steps` GD steps, in closed form.
+
+        DrMAD's reverse pass evaluates each step's derivatives on the straight line
+        `w̃_t = w0 + (t/T)(w_T − w0)` instead of the iterates. On this quadratic the
+        step's Jacobian `M = I − ηH` does not depend on the point but its λ-derivative
+        `−η e^λ w` does, so in the eigenbasis
+
+            d = Σ_{t<T} −η e^λ z̃_t ⊙ m^{T−1−t} ⊙ Qᵀ∂L_V/∂w(w_T)
+
+        which differs from `unrolled_hypergrad` (the same sum over the true iterates) unless
+        the trajectory is straight.
+
+        **Arguments:**
+
+        - `hparams`: the scalar log-penalty λ.
+
+        **Returns:**
+
+        A scalar array of dtype `self.dtype`.
+        """
+        rho, h, _ = self._eig(hparams)
+        m, T = 1 - self.lr * h, self.steps
+        z0 = self.Q.T @ self.w0
+        w_T = self.unrolled_response(hparams)
+        zT = self.Q.T @ w_T
+        G = self.Q.T @ self._outer_grad(w_T)
+        t = jnp.arange(T, dtype=self.dtype)[:, None]
+        path = z0 + (t / T) * (zT - z0)                      # (T, d): the straight line
+        decay = m[None, :] ** (T - 1 - t)                    # (T, d): M^{T-1-t}
+        return -self.lr * rho * jnp.sum(path * decay * G)
+
+
 def _check_orthogonal(where: str, Q: Array) -> None:
     value = _concrete(Q)
     if value is None:
