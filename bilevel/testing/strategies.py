@@ -547,3 +547,62 @@ def quadratic_meta_tasks(
                                      max_condition=max_condition, dtype=dtype)
 
     return draw()
+
+
+def quadratic_schedules(
+    *, min_dim=1, max_dim=4, min_steps=1, max_steps=10, max_condition=10.0, momentum=True,
+    dtype=None,
+) -> st.SearchStrategy:
+    """Draw [`bilevel.testing.QuadraticSchedule`][] instances (learning-rate and momentum
+    schedules on a quadratic, Maclaurin et al. 2015).
+
+    **Arguments:**
+
+    - `min_dim`, `max_dim`: bounds on the dimension.
+    - `min_steps`, `max_steps`: bounds on the schedules' length T.
+    - `max_condition`: κ >= 1, the bound on the condition numbers of the training and
+      validation Hessians (rates are drawn in [0.2, 1]/κ, momenta in [0, 0.9]).
+    - `momentum`: True (rate and momentum schedules), False (rates only) or None (either,
+      drawn).
+    - `dtype`: a floating dtype; default `None` is float64 under x64, float32 otherwise.
+
+    **Returns:**
+
+    A hypothesis strategy of `QuadraticSchedule` instances.
+
+    **Example:**
+
+    ```python
+    from hypothesis import given, settings
+    import bilevel.testing.strategies as bst
+
+    @settings(max_examples=3, deadline=None)
+    @given(bst.quadratic_schedules(max_dim=3, max_steps=5))
+    def test_one_derivative_per_step(exact):
+        grads = exact.hypergrad(exact.hparams)
+        assert all(g.shape == (exact.steps,) for g in grads.values())
+
+    test_one_derivative_per_step()
+    ```
+    """
+    from ._schedules import QuadraticSchedule
+
+    where = "quadratic_schedules"
+    min_dim, max_dim = _check_common(where, min_dim, max_dim, max_condition, (-1.0, 1.0), -np.inf, dtype)
+    lo = check_int(min_steps, "min_steps", where, 1, 1)
+    hi = check_int(max_steps, "max_steps", where, 1, 10)
+    if hi < lo:
+        raise ValueError(f"{where} requires min_steps <= max_steps; got {lo} and {hi}. Raise "
+                         "max_steps or lower min_steps.")
+    if momentum is not None and not isinstance(momentum, (bool, np.bool_)):
+        raise TypeError(f"{where} requires momentum to be True, False or None (draw either); got "
+                        f"{type(momentum).__name__} {momentum!r}.")
+    moms = st.booleans() if momentum is None else st.just(bool(momentum))
+
+    @st.composite
+    def draw(draw_):
+        return QuadraticSchedule.sample(draw_(_SEEDS), dim=draw_(st.integers(min_dim, max_dim)),
+                                        steps=draw_(st.integers(lo, hi)), max_condition=max_condition,
+                                        momentum=draw_(moms), dtype=dtype)
+
+    return draw()
