@@ -34,6 +34,7 @@ from ._compile import (
     hypergrad as hypergrad,
     response as response,
 )
+from ._curvature import GaussNewton as GaussNewton, gauss_newton as gauss_newton
 from ._drmad import DrMAD as DrMAD, drmad as drmad
 from ._forward import ForwardMode as ForwardMode, forward_mode as forward_mode
 from ._first_order import (

@@ -25,6 +25,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from ._base import AbstractMethod, grad_norm_stats, tree_norm
 from ._best_response import BestResponse
+from ._curvature import GaussNewton
 from ._linear_solvers import AbstractLinearSolver
 from ._optimality import AbstractCondition, ProxFixedPoint, Stationary
 from ._proximal import ProximalGradient
@@ -128,6 +129,7 @@ class Implicit(AbstractMethod):
     linear_solver: AbstractLinearSolver
     condition: AbstractCondition = Stationary()
     curvature: str = eqx.field(static=True, default="mean")
+    hessian: GaussNewton | None = None
 
     def __check_init__(self):
         if isinstance(self.method, (Implicit, Truncate)):
@@ -171,6 +173,18 @@ class Implicit(AbstractMethod):
                 "each term or iteration, which only bilevel.neumann(...), bilevel.cg(...) and "
                 f"bilevel.identity() support; got {type(self.linear_solver).__name__}. Use one "
                 "of those, or curvature='mean' / 'last' / 'given' with any solver."
+            )
+        if self.hessian is not None and not isinstance(self.hessian, GaussNewton):
+            raise TypeError(
+                "implicit(..., hessian=...) requires None (the exact Hessian) or a curvature built "
+                f"by bilevel.gauss_newton(model, loss); got {type(self.hessian).__name__} {self.hessian!r}."
+            )
+        if self.hessian is not None and not isinstance(self.condition, Stationary):
+            raise ValueError(
+                "implicit(..., hessian=gauss_newton(...)) replaces the Hessian of the training loss, "
+                "the Jacobian of the stationarity condition; got the "
+                f"{type(self.condition).__name__} condition, whose Jacobian is not a Hessian. "
+                "Drop hessian= or use the default bilevel.stationary() condition."
             )
         if self.linear_solver.symmetric_only and not self.condition.symmetric():
             raise ValueError(
@@ -341,8 +355,10 @@ def _implicit_response(method: Implicit, problem):
         del probe
         primals = jax.lax.stop_gradient((hparams, params0, batch))
         params, stats = method.method._run(problem, *primals, {})
-        return params, _condition_stats(condition, problem, params, primals[0], primals[2], stats,
-                                        F_system)
+        stats = _condition_stats(condition, problem, params, primals[0], primals[2], stats, F_system)
+        if method.hessian is not None:
+            stats = {**stats, "gauss_newton": jnp.asarray(True)}
+        return params, stats
 
     def respond_jvp(primals, tangents):
         hparams, params0, batch, probe = primals
@@ -361,13 +377,16 @@ def _implicit_response(method: Implicit, problem):
         # input tangent, so add a numerically-zero linear anchor to each.
         anchor = _zero_anchor((d_hparams, d_batch))
         rhs = _tmap(lambda c: anchor.astype(c.dtype) - c, cross)
-        _, jvp = jax.linearize(lambda w: F_system(w, hparams, batch), params)
+        F_lin, F_lin_term = F_system, F_term
+        if method.hessian is not None:        # Gauss-Newton: the same system without the model's curvature
+            F_lin, _, F_lin_term = _residuals(method.hessian.gradient_map(problem, params), method.curvature)
+        _, jvp = jax.linearize(lambda w: F_lin(w, hparams, batch), params)
         mask = condition.support(problem, *jax.lax.stop_gradient((params, hparams, batch)))
         matvec, rhs = (jvp, rhs) if mask is None else _restrict(mask, jvp, rhs)
         matvec_at = None
         if method.curvature == "per_term" and isinstance(batch, PerStep):
             def matvec_at(v, k):
-                return jax.jvp(lambda w: F_term(w, hparams, batch, k), (params,), (v,))[1]
+                return jax.jvp(lambda w: F_lin_term(w, hparams, batch, k), (params,), (v,))[1]
         x0 = probe.adjoint if probe.warm else None
         solve = lambda mv, b: linsolve.solve(mv, b, x0=x0, matvec_at=matvec_at)  # noqa: E731
 
@@ -403,7 +422,8 @@ def _implicit_response(method: Implicit, problem):
 
 
 def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
-             condition: AbstractCondition | None = None, *, curvature: str = "mean") -> Implicit:
+             condition: AbstractCondition | None = None, *, curvature: str = "mean",
+             hessian: GaussNewton | None = None) -> Implicit:
     """Differentiate the inner solution by the implicit function theorem (IFT).
 
     The forward pass runs `method` (an unroll, a proximal-gradient run, a user solver or a
@@ -471,6 +491,10 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
       proximal-gradient fixed point of a `bilevel.proximal_gradient` method).
     - `curvature`: which training data the IFT uses with `per_step` inner data: `"mean"`,
       `"last"`, `"given"` or `"per_term"` (`neumann`, `cg` or `identity` only); see above.
+    - `hessian`: None (the exact Hessian, default) or `bilevel.gauss_newton(model, loss)`
+      to solve with the Gauss-Newton matrix instead (stationarity condition only; an
+      approximation unless the model is linear in w or the residuals are zero; the stats
+      add `gauss_newton`).
 
     **Returns:**
 
@@ -510,7 +534,7 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
     """
     if condition is None:
         condition = method.condition() if isinstance(method, ProximalGradient) else Stationary()
-    return Implicit(method, linear_solver, condition, curvature)
+    return Implicit(method, linear_solver, condition, curvature, hessian)
 
 
 def solver(fn: Callable) -> Solver:
