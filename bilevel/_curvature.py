@@ -35,7 +35,7 @@ class GaussNewton(eqx.Module):
                     f"got {type(fn).__name__} {fn!r}."
                 )
 
-    def gradient_map(self, problem: Problem, anchor) -> Callable:
+    def _gradient_map(self, problem: Problem, anchor) -> Callable:
         """`(w, h, b) -> ∇_w L_T(w) − J_m(w)ᵀ ∇_z ℓ(m(anchor))`, whose Jacobian in w at
         w = anchor is the Hessian with the model's second-order term Σ_k ∂ℓ/∂z_k ∇²m_k
         removed: J_mᵀ ∇²ℓ J_m plus the exact Hessian of the rest of the loss."""

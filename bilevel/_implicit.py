@@ -379,7 +379,7 @@ def _implicit_response(method: Implicit, problem):
         rhs = _tmap(lambda c: anchor.astype(c.dtype) - c, cross)
         F_lin, F_lin_term = F_system, F_term
         if method.hessian is not None:        # Gauss-Newton: the same system without the model's curvature
-            F_lin, _, F_lin_term = _residuals(method.hessian.gradient_map(problem, params), method.curvature)
+            F_lin, _, F_lin_term = _residuals(method.hessian._gradient_map(problem, params), method.curvature)
         _, jvp = jax.linearize(lambda w: F_lin(w, hparams, batch), params)
         mask = condition.support(problem, *jax.lax.stop_gradient((params, hparams, batch)))
         matvec, rhs = (jvp, rhs) if mask is None else _restrict(mask, jvp, rhs)
