@@ -116,8 +116,12 @@ def quick_calls(tmp_path_factory):
 def test_check_command_runs_every_method_and_passes():
     out = cli("check", "--dim", 5, "--steps", 300)
     assert out.returncode == 0, out.stderr
-    for name in ("unroll", "truncate(last=50)", "forward_mode", "implicit(cg)", "implicit(identity)"):
+    for name in ("unroll", "truncate(last=50)", "forward_mode", "implicit(cg)", "implicit(identity)",
+                 "implicit(cg, gauss-newton)", "drmad"):
         assert f"\n{name}" in out.stdout, name
+    for name in ("drmad vs its straight-line closed form", "gauss-newton, zero-residual least squares",
+                 "scheduled_sgd", "dropout_expectation", "gumbel_softmax", "kfold CV", "Laplace", "−ELBO"):
+        assert f"\n{name}" in out.stdout, name        # every method and objective of the seeds has a row
     assert "OK: worst error of the exact methods" in out.stdout
 
 

@@ -168,3 +168,12 @@ def test_drmad_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="steps"):
         bl.hypergrad(exact.problem, bl.drmad(bl.unroll(optax.sgd(0.1), steps=10)))(
             exact.hparams, exact.params0, bl.per_step(jnp.zeros((4, 3))), exact.outer_batch)
+
+
+def test_hypergrad_error_compares_drmad_with_its_closed_form():
+    exact = blt.UnrolledQuadratic.sample(2, dim=4, steps=40)
+    cmp = blt.hypergrad_error(bl.drmad(bl.unroll(optax.sgd(exact.lr), steps=exact.steps)), exact)
+    assert cmp.target == "drmad" and float(cmp.error) < 1e-9
+    with pytest.raises(ValueError, match="target='drmad'"):
+        blt.hypergrad_error(bl.drmad(bl.unroll(optax.sgd(0.1), steps=5)), blt.Ridge.sample(0, dim=3),
+                            target="drmad")

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from .._base import AbstractMethod, tree_norm
 from .._compile import hypergrad
+from .._drmad import DrMAD
 from .._forward import ForwardMode
 from .._implicit import Implicit
 from .._linear_solvers import Identity
@@ -16,7 +17,7 @@ from .._unroll import Truncate, Unroll
 from ._exact import AbstractExactProblem
 from ._unrolled import UnrolledQuadratic
 
-_TARGETS = ("auto", "ift", "unrolled", "identity")
+_TARGETS = ("auto", "ift", "unrolled", "identity", "drmad")
 
 
 class Comparison(NamedTuple):
@@ -50,6 +51,8 @@ def _auto_target(method: AbstractMethod, exact: AbstractExactProblem) -> str:
     )
     if full_unroll and isinstance(exact, UnrolledQuadratic):
         return "unrolled"
+    if isinstance(method, DrMAD) and isinstance(exact, UnrolledQuadratic):
+        return "drmad"
     return "ift"
 
 
@@ -60,10 +63,12 @@ def _expected(exact: AbstractExactProblem, hparams, target: str):
         return exact.identity_hypergrad(hparams)
     if not isinstance(exact, UnrolledQuadratic):
         raise ValueError(
-            "hypergrad_error(target='unrolled') requires a problem with a known unrolled "
+            f"hypergrad_error(target={target!r}) requires a problem with a known unrolled "
             f"hypergradient (bilevel.testing.UnrolledQuadratic); got {type(exact).__name__}. "
             "Use target='ift' for the limit T → ∞."
         )
+    if target == "drmad":
+        return exact.drmad_hypergrad(hparams)
     return exact.unrolled_hypergrad(hparams)
 
 
@@ -78,17 +83,18 @@ def hypergrad_error(
 
     The target is chosen by `target`: `"ift"` (the true hypergradient at w*(λ)),
     `"unrolled"` (the exact T-step unrolled hypergradient of a
-    `bilevel.testing.UnrolledQuadratic`), `"identity"` (the H⁻¹ ≈ I formula), or `"auto"`:
-    `"identity"` for `implicit(·, identity())`, `"unrolled"` for a full unroll of an
-    `UnrolledQuadratic` (also through `truncate(last=steps)` or `forward_mode(clip=None)`),
-    else `"ift"`.
+    `bilevel.testing.UnrolledQuadratic`), `"identity"` (the H⁻¹ ≈ I formula), `"drmad"`
+    (DrMAD's straight-line value on an `UnrolledQuadratic`), or `"auto"`: `"identity"` for
+    `implicit(·, identity())`, `"unrolled"` for a full unroll of an `UnrolledQuadratic`
+    (also through `truncate(last=steps)` or `forward_mode(clip=None)`), `"drmad"` for
+    `drmad(unroll(...))` on one, else `"ift"`.
 
     **Arguments:**
 
     - `method`: any bilevel method.
     - `exact`: a problem from `bilevel.testing`.
     - `hparams`: where to evaluate (default `exact.hparams`).
-    - `target`: one of `"auto"`, `"ift"`, `"unrolled"`, `"identity"`.
+    - `target`: one of `"auto"`, `"ift"`, `"unrolled"`, `"identity"`, `"drmad"`.
 
     **Returns:**
 
