@@ -347,3 +347,24 @@ def test_elbo_bad_arguments_are_refused():
         gaussian_q(jnp.zeros(2), log_std=float("nan"))
     with pytest.raises(TypeError, match="floating-point arrays"):
         gaussian_q(jnp.zeros(2, int))
+
+
+# ----------------------------------------------------------------------------------------------
+# The `bilevel check` rows.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_check_rows_match_their_closed_forms_in_float64_and_float32():
+    from bilevel._cli_check_objectives import check_rows
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    for x64, bound in ((True, 1e-10), (False, 1e-5)):   # float32: ε = 1.2e-7 times small conditioning
+        rows = check_rows(x64)
+        assert len(rows) == 6
+        for row in rows:
+            assert set(row) == {"name", "value", "target", "rel_error", "exact", "note"}
+            assert row["exact"] is True and row["rel_error"] < bound, row
+    # the global settings it touches are restored
+    assert jax.config.read("jax_enable_x64") and jax.config.read("jax_disable_most_optimizations") == before
+    with pytest.raises(TypeError, match="bool"):
+        check_rows(1)
