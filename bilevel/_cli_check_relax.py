@@ -165,6 +165,8 @@ def _selection_row(x64: bool) -> dict:
     best = exhaustive_best_group(X, y, Xv, yv, groups, size, alpha)
     lam = select_feature_group(X, y, Xv, yv, groups, size, alpha=alpha, dtype=dtype)
     chosen = int(np.argmax(lam))
+    lam = np.asarray(lam, np.float64)
+    probs = ", ".join(f"{p:.3f}" for p in np.exp(lam - lam.max()) / np.exp(lam - lam.max()).sum())
     return {
         "name": "gumbel_softmax: feature group chosen by hypergradient",
         "value": float(chosen),
@@ -172,8 +174,7 @@ def _selection_row(x64: bool) -> dict:
         "rel_error": 0.0 if chosen == best else 1.0,
         "exact": True,
         "note": (f"argmax of the logits after 60 Adam steps (tau = 0.5, 8 samples a step) vs ridge on "
-                 f"each of {groups} groups (NumPy); softmax(logits) = "
-                 f"{np.round(np.exp(lam - lam.max()) / np.exp(lam - lam.max()).sum(), 3).tolist()}"),
+                 f"each of {groups} groups (NumPy); softmax(logits) = [{probs}]"),
     }
 
 

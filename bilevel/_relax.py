@@ -128,7 +128,8 @@ def coupled_bernoulli(key, low, high, shape) -> tuple[jax.Array, jax.Array]:
 
     - `key`: a JAX random key.
     - `low`, `high`: probabilities in [0, 1] with low ≤ high entrywise; scalars or arrays that
-      broadcast to `shape`.
+      broadcast to `shape`. Checked when their values are known; traced values are not
+      checked (with low > high the masks are still B(low) and B(high), but not nested).
     - `shape`: the masks' shape, a tuple of ints.
 
     **Returns:**
