@@ -438,11 +438,10 @@ def gaussian_elbo(
     The expectation is either given in closed form (`expected_log_likelihood`) or estimated
     by the reparameterisation trick, w_s = μ + σ ⊙ ε_s with ε_s ~ N(0, I), s = 1..S, from a
     PRNG key: `key=` here (the same noise at every call), or, when `key` is None, the batch is
-    a pair `(key, data)` (a new key per outer step, or `bilevel.per_step((keys, data))` for
-    fresh noise at every inner step). With fixed noise (common random numbers) the inner loss
-    is a deterministic function, so its minimiser and the implicit hypergradient are exact
-    for that Monte Carlo objective; they estimate, with S-sample noise, the ones of the true
-    ELBO.
+    a pair `(key, data)` (e.g. a new key per outer step). With fixed noise (common random
+    numbers) the inner loss is a deterministic function, so its minimiser and the implicit
+    hypergradient are exact for that Monte Carlo objective; they approximate those of the
+    true ELBO, with an error that shrinks as S grows (not the exact ELBO gradient).
 
     **Arguments:**
 
