@@ -90,8 +90,14 @@ def _meta_train(opt_fn, h0, w0, train, val, steps, outer_steps, outer_lr):
     return h, history
 
 
+_RESPONDERS: dict = {}
+
+
 def _judge(opt_fn, h, w0, train, val, test, steps) -> dict:
-    w = bl.response(PROBLEM, bl.unroll(opt_fn, steps=steps))(h, w0, train)
+    key = (opt_fn, steps)
+    if key not in _RESPONDERS:   # one compiled response per optimizer, reused for every schedule
+        _RESPONDERS[key] = jax.jit(bl.response(PROBLEM, bl.unroll(opt_fn, steps=steps)))
+    w = _RESPONDERS[key](h, w0, train)
     return {"val_loss": float(cross_entropy(w, None, val)), "test_loss": float(cross_entropy(w, None, test)),
             "val_acc": float(accuracy(w, val)), "test_acc": float(accuracy(w, test))}
 
@@ -179,13 +185,13 @@ def main(argv=None) -> dict:
 def _markdown(r: dict) -> str:
     s = r["setup"]
     lines = [
-        f"Digits ({s['split'][0]} train / {s['split'][1]} validation / {s['split'][2]} test), "
+        (f"Digits ({s['split'][0]} train / {s['split'][1]} validation / {s['split'][2]} test), "
         f"{s['model']}, T = {s['inner_steps']} full-batch steps of scheduled_sgd; schedules "
         f"meta-learned with {s['outer_optimizer']} for {s['outer_steps']} outer steps from the best "
         f"constant of the grid (best constant rate {r['best_constant_rate']:.3g}; best constant pair "
         f"with momentum γ >= 0.5: rate {r['best_constant_rate_and_momentum'][0]:.3g}, momentum "
         f"{r['best_constant_rate_and_momentum'][1]:g}). Validation loss is the objective; the test "
-        f"split is used only for this table. {s['backend']}, {s['wall_time_s']:.0f} s in all.",
+        f"split is used only for this table. {s['backend']}, {s['wall_time_s']:.0f} s in all."),
         "",
         "| schedule | validation loss | test loss | validation acc. | test acc. |",
         "|---|---|---|---|---|",

@@ -72,9 +72,9 @@ def test_closed_form_matches_finite_differences_of_its_value(momentum):
     exact = QuadraticSchedule.sample(7, dim=3, steps=6, momentum=momentum)
     h = {k: np.asarray(v, np.float64) for k, v in exact.hparams.items()}
     grads, eps = exact.hypergrad(h), 1e-6
-    for k in h:
+    for k, x in h.items():
         for t in range(exact.steps):
-            up, down = ({**h, k: h[k] + s * eps * np.eye(exact.steps)[t]} for s in (1, -1))
+            up, down = ({**h, k: x + s * eps * np.eye(exact.steps)[t]} for s in (1, -1))
             fd = (exact.value(up) - exact.value(down)) / (2 * eps)
             np.testing.assert_allclose(grads[k][t], fd, rtol=1e-6, atol=1e-8)
 
@@ -265,3 +265,31 @@ def test_the_state_is_a_named_tuple_and_optax_chains_it():
     state = opt.init({"w": jnp.ones(2)})
     assert isinstance(state[1], ScheduledSGDState) and state[1].velocity["w"].shape == (2,)
     assert scheduled_sgd(jnp.full(3, 0.5)).init(jnp.ones(2)).velocity is None
+
+
+# ---------------------------------------------------------------- the digits benchmark script
+
+
+@pytest.mark.slow
+def test_digits_benchmark_quick_run_writes_results_and_figure(tmp_path):
+    """benchmarks/lr_schedule_digits.py --quick (T = 10, 3 outer steps; about 35 s, compiling)."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "lr_schedule_digits.py"
+    spec = importlib.util.spec_from_file_location("lr_schedule_digits", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result = script.main(["--quick", "--out", str(tmp_path), "--figure", str(tmp_path / "fig.png")])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["rows"] == result["rows"] and len(saved["rows"]) == 4
+    assert (tmp_path / "results.md").read_text().count("\n| ") == 5 and (tmp_path / "fig.png").stat().st_size > 0
+    for row in saved["rows"].values():
+        assert all(np.isfinite(v) for v in row.values())
+    for hist in saved["history"].values():
+        assert len(hist) == 4 and np.all(np.isfinite(hist))      # 3 outer steps and the final value
+    # the learned schedules start from the best constants: their first values are the baselines'
+    rows = saved["rows"]
+    assert saved["history"]["rates only"][0] == pytest.approx(rows["best constant rate"]["val_loss"], rel=1e-5)
+    assert len(saved["learned"]["rates and momenta"]["momentum"]) == 10

@@ -14,7 +14,7 @@ import numpy as np
 from .._problem import Problem
 from .._schedules import scheduled_sgd
 from .._unroll import Unroll, unroll
-from ._common import _rng, check_int, check_real, check_spd, resolve_dtype, spd
+from ._common import _rng, check_int, check_real, check_spd, host, resolve_dtype, spd
 
 Array = jax.Array
 
@@ -65,7 +65,8 @@ class QuadraticSchedule(eqx.Module):
         ŵ_t = ŵ_{t+1} − (1 − γ_t) A u_t      v̂_t = γ_t u_t
 
     All closed forms run in NumPy float64 on the host (no autodiff), so they are an
-    independent reference for differentiating through `bilevel.unroll`.
+    independent reference for differentiating through `bilevel.unroll`; being NumPy, they
+    take concrete hyperparameters (call them outside `jit` and `vmap`).
 
     **Fields:**
 
@@ -114,7 +115,7 @@ class QuadraticSchedule(eqx.Module):
         ok = (d >= 1 and T >= 1 and A.shape == (d, d) and B.shape == (d, d)
               and c.shape == (d,) and w0.shape == (d,) and (mom is None or mom.shape == (T,)))
         if not ok:
-            got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in zip("A b B c w0 lr".split(), arrays)
+            got = ", ".join(f"{k} {tuple(v.shape)}" for k, v in zip(["A", "b", "B", "c", "w0", "lr"], arrays)
                             ) + ("" if mom is None else f", momentum {tuple(mom.shape)}")
             raise ValueError(
                 f"{where} requires A (d, d), b (d,), B (d, d), c (d,), w0 (d,) and lr (T,) "
@@ -122,7 +123,7 @@ class QuadraticSchedule(eqx.Module):
                 "QuadraticSchedule.sample(seed)."
             )
         for name, M in (("A", A), ("B", B)):
-            check_spd(where, name, np.asarray(M, np.float64),
+            check_spd(where, name, host(M),
                       "Pass a symmetric positive definite matrix, e.g. X.T @ X + I.")
         dtype = jnp.result_type(*[x for x in arrays if x is not None])
         self.A, self.b, self.B, self.c, self.w0, self.lr = (x.astype(dtype) for x in arrays[:6])
@@ -130,14 +131,14 @@ class QuadraticSchedule(eqx.Module):
 
     @classmethod
     def sample(cls, key_or_seed: Any, *, dim: int = 3, steps: int = 10, max_condition: float = 10.0,
-               momentum: bool = True, dtype: Any = None) -> "QuadraticSchedule":
+               momentum: bool = True, dtype: Any = None) -> QuadraticSchedule:
         """Draw a random instance with stable schedules.
 
         `A` and `B` have eigenvalues log-uniform in `[1, max_condition]` (so their condition
         numbers are at most `max_condition`); `b`, `c` and `w0` are standard normal. The
         rates are uniform in `[0.2, 1] / max_condition` and the momenta uniform in
-        `[0, 0.9]`, for which every step contracts the error (a constant schedule of such
-        values converges).
+        `[0, 0.9]`: any constant schedule of such values converges, since heavy-ball's
+        stability condition `α(1 − γ) λ_max(A) < 2(1 + γ)` holds with room to spare.
 
         **Arguments:**
 
@@ -175,7 +176,7 @@ class QuadraticSchedule(eqx.Module):
         b, c, w0 = rng.standard_normal(d), rng.standard_normal(d), rng.standard_normal(d)
         lr = rng.uniform(0.2, 1.0, T) / kappa
         mom = rng.uniform(0.0, 0.9, T) if momentum else None
-        as_ = lambda x: None if x is None else jnp.asarray(x, dt)  # noqa: E731
+        as_ = lambda x: None if x is None else jnp.asarray(x, dt)
         return cls(as_(A), as_(b), as_(B), as_(c), as_(w0), as_(lr), as_(mom))
 
     @property
