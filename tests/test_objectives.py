@@ -13,7 +13,13 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import bilevel as bl
-from bilevel._objectives import gaussian_elbo, gaussian_q, kfold, laplace_evidence, stack_folds
+from bilevel._objectives import (
+    gaussian_elbo,
+    gaussian_q,
+    kfold,
+    laplace_evidence,
+    stack_folds,
+)
 from bilevel.testing._bayes import BayesianLinearRegression, KFoldRidge
 from bilevel.testing._ridge import _ridge_inner, _ridge_outer
 

@@ -60,7 +60,7 @@ _ELBO = gaussian_elbo(expected_log_likelihood=_blr_expected_log_likelihood, log_
 _ELBO_PROBLEM = Problem(inner=_ELBO, outer=_ELBO)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mc_elbo_problem(key_data: tuple, samples: int) -> Problem:
     key = jax.random.wrap_key_data(np.asarray(key_data, np.uint32))
     loss = gaussian_elbo(_blr_log_likelihood, log_precision=_blr_log_alpha, samples=samples, key=key)
@@ -143,7 +143,7 @@ class BayesianLinearRegression(eqx.Module):
 
     @classmethod
     def sample(cls, key_or_seed: Any, *, n: int = 20, dim: int = 3, noise: float = 0.5,
-               dtype: Any = None) -> "BayesianLinearRegression":
+               dtype: Any = None) -> BayesianLinearRegression:
         """Draw X with standard normal entries, w ~ N(0, I) and y = Xw + noise·ε.
 
         **Arguments:**
@@ -383,7 +383,7 @@ class BayesianLinearRegression(eqx.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kfold_ridge_problem(k: int) -> Problem:
     return kfold(_ridge_inner, _ridge_outer, k=k)
 
@@ -438,7 +438,7 @@ class KFoldRidge(eqx.Module):
 
     @classmethod
     def sample(cls, key_or_seed: Any, *, n: int = 20, dim: int = 3, k: int = 4, noise: float = 0.5,
-               log_lam: float = -1.0, dtype: Any = None) -> "KFoldRidge":
+               log_lam: float = -1.0, dtype: Any = None) -> KFoldRidge:
         """Draw X with standard normal entries, y = Xw + noise·ε.
 
         **Arguments:**
