@@ -125,6 +125,19 @@ from ._stochastic import (
 )
 from ._search import SearchResult as SearchResult, grid_search as grid_search, random_search as random_search
 from ._problem import PerStep as PerStep, Problem as Problem, per_step as per_step
+from ._objectives import (
+    gaussian_elbo as gaussian_elbo,
+    gaussian_q as gaussian_q,
+    kfold as kfold,
+    laplace_evidence as laplace_evidence,
+    stack_folds as stack_folds,
+)
+from ._relax import (
+    coupled_bernoulli as coupled_bernoulli,
+    dropout_expectation as dropout_expectation,
+    gumbel_softmax as gumbel_softmax,
+)
+from ._schedules import ScheduledSGDState as ScheduledSGDState, scheduled_sgd as scheduled_sgd
 from ._meta import anchored as anchored, over_tasks as over_tasks, per_parameter_sgd as per_parameter_sgd
 from ._unroll import (
     FirstOrder as FirstOrder,

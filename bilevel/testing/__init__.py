@@ -15,7 +15,14 @@ the losses, so a method can be checked against it at float64 precision:
   inner and outer losses that are means of per-sample quadratics (for stochastic methods),
   with its unique optimal λ;
 - [`bilevel.testing.QuadraticTasks`][]: a batch of quadratic meta-learning tasks with MAML,
-  first-order MAML, Meta-SGD and iMAML meta-gradients in closed form.
+  first-order MAML, Meta-SGD and iMAML meta-gradients in closed form;
+- [`bilevel.testing.QuadraticSchedule`][]: T steps of (momentum) gradient descent on a
+  quadratic with per-step learning rates and momenta as hyperparameters, their exact
+  hypergradient by a hand-written adjoint recursion;
+- [`bilevel.testing.BayesianLinearRegression`][]: the evidence of Bayesian linear regression,
+  its gradient in the prior and noise precisions, the optimal diagonal Gaussian q and its ELBO;
+- [`bilevel.testing.KFoldRidge`][]: k-fold cross-validated ridge regression with its exact
+  hypergradient.
 
 Problems whose inner solution is defined by an optimality condition rather than by
 `∇_w L_T = 0` (for implicit differentiation through proximal-gradient, projected-gradient,
@@ -58,7 +65,9 @@ from ._check import (
 from ._affine import AffineResponse as AffineResponse
 from ._bench_quadratic import BilevelQuadratic as BilevelQuadratic
 from ._exact import AbstractExactProblem as AbstractExactProblem
+from ._bayes import BayesianLinearRegression as BayesianLinearRegression, KFoldRidge as KFoldRidge
 from ._meta_tasks import QuadraticTasks as QuadraticTasks
+from ._schedules import QuadraticSchedule as QuadraticSchedule
 from ._quadratic004 import Quadratic004 as Quadratic004
 from ._ridge import Ridge as Ridge, RidgePerCoordinate as RidgePerCoordinate
 from ._unrolled import UnrolledQuadratic as UnrolledQuadratic
