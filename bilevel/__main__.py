@@ -122,7 +122,10 @@ def _check_extras(x64: bool, tol: float) -> float:
     import importlib
 
     print("\nOther methods, hyperparameter kinds and objectives, each on its own exact problem:\n")
-    rows = [row for module in _EXTRA_CHECKS for row in importlib.import_module(module).check_rows(x64)]
+    import jax
+
+    with jax.default_matmul_precision("highest"):   # no TF32 on GPUs: the rows compare with closed forms
+        rows = [row for module in _EXTRA_CHECKS for row in importlib.import_module(module).check_rows(x64)]
     names = [row["name"] + ("" if row["exact"] else " *") for row in rows]
     width = max(len(n) for n in names)
     header = f"{'check':<{width}} {'value':>16} {'exact value':>16} {'rel. error':>11}  note"
