@@ -26,6 +26,7 @@ from jax.custom_derivatives import SymbolicZero
 from ._base import AbstractMethod, grad_norm_stats, tree_norm
 from ._best_response import BestResponse
 from ._curvature import GaussNewton
+from ._hvp import FiniteDifference, check_hvp, matvec as hvp_matvec
 from ._linear_solvers import AbstractLinearSolver
 from ._optimality import AbstractCondition, ProxFixedPoint, Stationary
 from ._proximal import ProximalGradient
@@ -130,6 +131,7 @@ class Implicit(AbstractMethod):
     condition: AbstractCondition = Stationary()
     curvature: str = eqx.field(static=True, default="mean")
     hessian: GaussNewton | None = None
+    hvp: str | FiniteDifference = eqx.field(static=True, default="forward_over_reverse")
 
     def __check_init__(self):
         if isinstance(self.method, (Implicit, Truncate)):
@@ -186,6 +188,7 @@ class Implicit(AbstractMethod):
                 f"{type(self.condition).__name__} condition, whose Jacobian is not a Hessian. "
                 "Drop hessian= or use the default bilevel.stationary() condition."
             )
+        check_hvp(self.hvp, self.condition.symmetric())
         if self.linear_solver.symmetric_only and not self.condition.symmetric():
             raise ValueError(
                 f"implicit(...): {type(self.linear_solver).__name__} is only valid for symmetric "
@@ -358,6 +361,8 @@ def _implicit_response(method: Implicit, problem):
         stats = _condition_stats(condition, problem, params, primals[0], primals[2], stats, F_system)
         if method.hessian is not None:
             stats = {**stats, "gauss_newton": jnp.asarray(True)}
+        if isinstance(method.hvp, FiniteDifference):
+            stats = {**stats, "finite_difference_hvp": jnp.asarray(True)}
         return params, stats
 
     def respond_jvp(primals, tangents):
@@ -380,13 +385,13 @@ def _implicit_response(method: Implicit, problem):
         F_lin, F_lin_term = F_system, F_term
         if method.hessian is not None:        # Gauss-Newton: the same system without the model's curvature
             F_lin, _, F_lin_term = _residuals(method.hessian._gradient_map(problem, params), method.curvature)
-        _, jvp = jax.linearize(lambda w: F_lin(w, hparams, batch), params)
+        jvp = hvp_matvec(method.hvp, lambda w: F_lin(w, hparams, batch), params)
         mask = condition.support(problem, *jax.lax.stop_gradient((params, hparams, batch)))
         matvec, rhs = (jvp, rhs) if mask is None else _restrict(mask, jvp, rhs)
         matvec_at = None
         if method.curvature == "per_term" and isinstance(batch, PerStep):
             def matvec_at(v, k):
-                return jax.jvp(lambda w: F_lin_term(w, hparams, batch, k), (params,), (v,))[1]
+                return hvp_matvec(method.hvp, lambda w: F_lin_term(w, hparams, batch, k), params)(v)
         x0 = probe.adjoint if probe.warm else None
         solve = lambda mv, b: linsolve.solve(mv, b, x0=x0, matvec_at=matvec_at)  # noqa: E731
 
@@ -423,7 +428,8 @@ def _implicit_response(method: Implicit, problem):
 
 def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
              condition: AbstractCondition | None = None, *, curvature: str = "mean",
-             hessian: GaussNewton | None = None) -> Implicit:
+             hessian: GaussNewton | None = None,
+             hvp: str | FiniteDifference = "forward_over_reverse") -> Implicit:
     """Differentiate the inner solution by the implicit function theorem (IFT).
 
     The forward pass runs `method` (an unroll, a proximal-gradient run, a user solver or a
@@ -495,6 +501,11 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
       to solve with the Gauss-Newton matrix instead (stationarity condition only; an
       approximation unless the model is linear in w or the residuals are zero; the stats
       add `gauss_newton`).
+    - `hvp`: how the system is multiplied: `"forward_over_reverse"` (default,
+      `jax.linearize` of the gradient), `"reverse_over_reverse"` (`jax.grad` of ⟨∇L_T, v⟩:
+      the same numbers, different memory and speed; symmetric systems only) or
+      `bilevel.finite_difference(ε)` (differences of gradients, no second derivatives; an
+      approximation, flagged `finite_difference_hvp`; symmetric systems only).
 
     **Returns:**
 
@@ -534,7 +545,7 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
     """
     if condition is None:
         condition = method.condition() if isinstance(method, ProximalGradient) else Stationary()
-    return Implicit(method, linear_solver, condition, curvature, hessian)
+    return Implicit(method, linear_solver, condition, curvature, hessian, hvp)
 
 
 def solver(fn: Callable) -> Solver:
