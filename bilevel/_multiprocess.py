@@ -425,13 +425,19 @@ def data_parallel(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
             "collectives": _collectives(compiled.as_text()), "first_call_seconds": first, "run_seconds": run}
 
 
-def population(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
+def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit") -> dict:
     """Run in every launched process: a population of hyperparameters split across processes.
 
     The `(8, dim)` population of `demo_data` is split over a one-axis mesh `("pop",)` of every
-    device (8 must be a multiple of the device count); data and start point are replicated.
-    `jax.jit(jax.vmap(demo_hypergrad(), in_axes=(0, None, None, None)))` trains each member
-    where it lives, with no communication.
+    device (8 must be a multiple of the device count); data and start point are replicated, and
+    each member is trained where it lives.
+
+    - `split="jit"`: `jax.jit(jax.vmap(hg, in_axes=(0, None, None, None)))` on the sharded
+      population. Under `vmap`, CG's while loop runs until *every* member has converged (the
+      others are masked), and that "all converged" test spans the mesh: the compiled program
+      has one all-reduce of a boolean per CG iteration, so the processes step together.
+    - `split="shard_map"`: the same `vmap` inside `jax.shard_map` over `("pop",)`: each device
+      loops until its own members converge, and the program has no collectives at all.
 
     **Returns:** this process's members only: `members` (their indices in the population) and
     their `value`, `grad`, `params`, `solve_iterations`, `solve_residual`, `inner_grad_norm`,
@@ -457,8 +463,14 @@ def population(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
     w0 = put(data["w0"], replicated)
     train = tuple(put(a, replicated) for a in data["train"])
     val = tuple(put(a, replicated) for a in data["val"])
-    sweep = jax.jit(jax.vmap(demo_hypergrad(), in_axes=(0, None, None, None)))
+    if split not in ("jit", "shard_map"):
+        raise ValueError(f"population requires split='jit' or 'shard_map'; got {split!r}.")
+    sweep = jax.vmap(demo_hypergrad(), in_axes=(0, None, None, None))
+    if split == "shard_map":
+        sweep = jax.shard_map(sweep, mesh=mesh, in_specs=(P("pop"), P(), P(), P()), out_specs=P("pop"))
+    sweep = jax.jit(sweep)
     out, first, run = _timed(sweep, lams, w0, train, val)
+    compiled = sweep.lower(lams, w0, train, val).compile()
 
     def mine(x):                                  # this process's rows, in population order
         shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
@@ -467,15 +479,18 @@ def population(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
     shards = sorted(out.value.addressable_shards, key=lambda s: s.index[0].start or 0)
     index = np.concatenate([np.arange(members)[s.index[0]] for s in shards])
     return {"members": index, **{k: mine(v) for k, v in _summary(out).items()},
-            "first_call_seconds": first, "run_seconds": run}
+            "collectives": _collectives(compiled.as_text()), "first_call_seconds": first, "run_seconds": run}
 
 
 def demo(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
-    """Run in every launched process: `data_parallel` and then `population`.
+    """Run in every launched process: `data_parallel`, then `population` split by `jit` and by
+    `shard_map`.
 
-    **Returns:** `{"data_parallel": ..., "population": ...}`, this process's results of each.
+    **Returns:** `{"data_parallel": ..., "population": ..., "population_shard_map": ...}`, this
+    process's results of each.
     """
-    return {"data_parallel": data_parallel(seed, rows, dim), "population": population(seed, rows, dim)}
+    return {"data_parallel": data_parallel(seed, rows, dim), "population": population(seed, rows, dim),
+            "population_shard_map": population(seed, rows, dim, "shard_map")}
 
 
 def reference(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
@@ -503,7 +518,7 @@ def reference(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
 def combine_population(results: Sequence[dict]) -> dict:
     """Put the per-process results of `population` back into one population, in order."""
     order = np.argsort(np.concatenate([r["members"] for r in results]))
-    keys = [k for k in results[0] if not k.endswith("seconds")]
+    keys = [k for k in results[0] if not k.endswith("seconds") and k != "collectives"]
     out = {k: np.concatenate([np.atleast_1d(r[k]) for r in results])[order] for k in keys}
     out.update({k: max(r[k] for r in results) for k in results[0] if k.endswith("seconds")})
     return out
@@ -567,9 +582,11 @@ def run(args) -> int:
                            devices_per_process=k, timeout=args.timeout)
     wall = time.perf_counter() - start
     dp, pop = [r["data_parallel"] for r in results], [r["population"] for r in results]
+    pop_sm = [r["population_shard_map"] for r in results]
     ref = reference(args.seed, args.rows, args.dim)
     table = [("data parallel", f"process {i}", r, ref["data_parallel"]) for i, r in enumerate(dp)]
-    table.append(("population (8 members)", "all processes", combine_population(pop), ref["population"]))
+    table.append(("population, jit", "all processes", combine_population(pop), ref["population"]))
+    table.append(("population, shard_map", "all processes", combine_population(pop_sm), ref["population"]))
     worst = 0.0
     print()
     print("| run | where | hypergradient (first entries) | CG iterations | max abs difference vs 1 process |")
@@ -584,14 +601,17 @@ def run(args) -> int:
     print("| run | 1 process: first call, then per call | "
           f"{n} processes: first call, then per call (slowest process) |")
     print("|---|---|---|")
-    for what, got, want in (("data parallel", dp, ref["data_parallel"]), ("population", pop, ref["population"])):
+    for what, got, want in (("data parallel", dp, ref["data_parallel"]), ("population, jit", pop, ref["population"]),
+                            ("population, shard_map", pop_sm, ref["population"])):
         first, per = max(r["first_call_seconds"] for r in got), max(r["run_seconds"] for r in got)
         print(f"| {what} | {want['first_call_seconds']:.2f} s, {want['run_seconds'] * 1e3:.1f} ms | "
               f"{first:.2f} s, {per * 1e3:.1f} ms |")
     print()
     print(f"Data parallel: each process held {dp[0]['local_rows']} of {args.rows} training rows; the "
           f"compiled program combines them with {', '.join(dp[0]['collectives']) or 'no collectives'}.")
-    print(f"Population: process i trained members {[r['members'].tolist() for r in pop]}.")
+    print(f"Population: process i trained members {[r['members'].tolist() for r in pop]}; collectives "
+          f"with jit: {', '.join(pop[0]['collectives']) or 'none'} (CG's vmapped stopping test), with "
+          f"shard_map: {', '.join(pop_sm[0]['collectives']) or 'none'}.")
     print(f"Wall time {wall:.1f} s for the launch (process start-up, compilation and runs; "
           f"{os.cpu_count()} CPU cores on this machine).")
     ok = worst <= TOLERANCE

@@ -85,6 +85,8 @@ def _check_run(results, single, processes: int, devices: int):
         mine = jax.tree_util.tree_map(lambda x, rows=pop["members"]: x[rows], many)
         _assert_equal_to(pop, mine, f"population, process {i}")
     _assert_equal_to(combine_population([r["population"] for r in results]), many, "population, combined")
+    _assert_equal_to(combine_population([r["population_shard_map"] for r in results]), many, "shard_map pop.")
+    assert all(r["population_shard_map"]["collectives"] == [] for r in results)    # no communication
 
 
 def test_two_processes_equal_one(single):
@@ -174,6 +176,8 @@ def test_two_processes_of_two_devices_equal_one(single):
         _assert_equal_to(r["data_parallel"], one, f"data parallel, process {i}")
         np.testing.assert_array_equal(r["population"]["members"], np.arange(4 * i, 4 * i + 4))
     _assert_equal_to(combine_population([r["population"] for r in results]), many, "population, combined")
+    _assert_equal_to(combine_population([r["population_shard_map"] for r in results]), many, "shard_map pop.")
+    assert all(r["population_shard_map"]["collectives"] == [] for r in results)    # no communication
 
 
 @pytest.mark.slow
