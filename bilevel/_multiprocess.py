@@ -373,7 +373,7 @@ def _timed(fn, *args, repeats: int = 5):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         runs.append(time.perf_counter() - start)
-    return out, first, float(np.median(runs))
+    return out, first, float(np.median(runs)) if runs else float("nan")
 
 
 def _collectives(compiled_text: str) -> list[str]:
@@ -381,7 +381,7 @@ def _collectives(compiled_text: str) -> list[str]:
     return [op for op in ops if f" {op}(" in compiled_text or f"{op}-start(" in compiled_text]
 
 
-def data_parallel(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
+def data_parallel(seed: int = 0, rows: int = 96, dim: int = 6, repeats: int = 5) -> dict:
     """Run in every launched process: one hypergradient with its batches split across processes.
 
     A one-axis mesh `("data",)` spans every device of every process. Each process takes from
@@ -394,7 +394,7 @@ def data_parallel(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
     **Returns:** `value`, `grad`, `params` and CG's `solve_iterations`, `solve_residual`, the
     `inner_grad_norm`, `local_rows` (training rows this process held), `collectives` (the
     collective operations in the compiled program), `first_call_seconds` (compilation and one
-    run) and `run_seconds` (the median of 5 further calls).
+    run) and `run_seconds` (the median of `repeats` further calls; NaN for none).
     """
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -419,13 +419,13 @@ def data_parallel(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
     val = tuple(global_rows(a) for a in data["val"])
     lam, w0 = global_replicated(data["log_lam"]), global_replicated(data["w0"])
     hg = jax.jit(demo_hypergrad())
-    out, first, run = _timed(hg, lam, w0, train, val)
+    out, first, run = _timed(hg, lam, w0, train, val, repeats=repeats)
     compiled = hg.lower(lam, w0, train, val).compile()      # cached: for reading its collectives
     return {**_summary(out), "local_rows": sum(s.data.shape[0] for s in train[0].addressable_shards),
             "collectives": _collectives(compiled.as_text()), "first_call_seconds": first, "run_seconds": run}
 
 
-def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit") -> dict:
+def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit", repeats: int = 5) -> dict:
     """Run in every launched process: a population of hyperparameters split across processes.
 
     The `(8, dim)` population of `demo_data` is split over a one-axis mesh `("pop",)` of every
@@ -440,8 +440,8 @@ def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit") 
       loops until its own members converge, and the program has no collectives at all.
 
     **Returns:** this process's members only: `members` (their indices in the population) and
-    their `value`, `grad`, `params`, `solve_iterations`, `solve_residual`, `inner_grad_norm`,
-    `first_call_seconds` and `run_seconds`.
+    their `value`, `grad`, `params`, `solve_iterations`, `solve_residual`, `inner_grad_norm`;
+    `collectives` (in the compiled program), `first_call_seconds` and `run_seconds`.
     """
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -469,7 +469,7 @@ def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit") 
     if split == "shard_map":
         sweep = jax.shard_map(sweep, mesh=mesh, in_specs=(P("pop"), P(), P(), P()), out_specs=P("pop"))
     sweep = jax.jit(sweep)
-    out, first, run = _timed(sweep, lams, w0, train, val)
+    out, first, run = _timed(sweep, lams, w0, train, val, repeats=repeats)
     compiled = sweep.lower(lams, w0, train, val).compile()
 
     def mine(x):                                  # this process's rows, in population order
@@ -482,15 +482,16 @@ def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit") 
             "collectives": _collectives(compiled.as_text()), "first_call_seconds": first, "run_seconds": run}
 
 
-def demo(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
+def demo(seed: int = 0, rows: int = 96, dim: int = 6, repeats: int = 5) -> dict:
     """Run in every launched process: `data_parallel`, then `population` split by `jit` and by
     `shard_map`.
 
     **Returns:** `{"data_parallel": ..., "population": ..., "population_shard_map": ...}`, this
     process's results of each.
     """
-    return {"data_parallel": data_parallel(seed, rows, dim), "population": population(seed, rows, dim),
-            "population_shard_map": population(seed, rows, dim, "shard_map")}
+    return {"data_parallel": data_parallel(seed, rows, dim, repeats),
+            "population": population(seed, rows, dim, "jit", repeats),
+            "population_shard_map": population(seed, rows, dim, "shard_map", repeats)}
 
 
 def reference(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
