@@ -37,6 +37,7 @@ from ._compile import (
 from ._curvature import GaussNewton as GaussNewton, gauss_newton as gauss_newton
 from ._drmad import DrMAD as DrMAD, drmad as drmad
 from ._hvp import FiniteDifference as FiniteDifference, finite_difference as finite_difference
+from ._precision import Precision as Precision, precision as precision
 from ._forward import ForwardMode as ForwardMode, forward_mode as forward_mode
 from ._first_order import (
     BOME as BOME,

@@ -27,6 +27,7 @@ from ._base import AbstractMethod, grad_norm_stats, tree_norm
 from ._best_response import BestResponse
 from ._curvature import GaussNewton
 from ._hvp import FiniteDifference, check_hvp, matvec as hvp_matvec
+from ._precision import Precision, cast_floats
 from ._linear_solvers import AbstractLinearSolver
 from ._optimality import AbstractCondition, ProxFixedPoint, Stationary
 from ._proximal import ProximalGradient
@@ -132,6 +133,7 @@ class Implicit(AbstractMethod):
     curvature: str = eqx.field(static=True, default="mean")
     hessian: GaussNewton | None = None
     hvp: str | FiniteDifference = eqx.field(static=True, default="forward_over_reverse")
+    precision: Precision | None = None
 
     def __check_init__(self):
         if isinstance(self.method, (Implicit, Truncate)):
@@ -189,6 +191,16 @@ class Implicit(AbstractMethod):
                 "Drop hessian= or use the default bilevel.stationary() condition."
             )
         check_hvp(self.hvp, self.condition.symmetric())
+        if self.precision is not None and not isinstance(self.precision, Precision):
+            raise TypeError(
+                "implicit(..., precision=...) requires None or a policy built by bilevel.precision(compute, "
+                f"accumulate); got {type(self.precision).__name__} {self.precision!r}."
+            )
+        if self.precision is not None and self.hessian is not None:
+            raise ValueError(
+                "implicit(..., precision=..., hessian=gauss_newton(...)) is not supported: the precision "
+                "policy applies to the Hessian of the training loss. Drop one of the two."
+            )
         if self.linear_solver.symmetric_only and not self.condition.symmetric():
             raise ValueError(
                 f"implicit(...): {type(self.linear_solver).__name__} is only valid for symmetric "
@@ -348,17 +360,27 @@ def _condition_stats(condition, problem, params, hparams, batch, stats, system):
 
 def _implicit_response(method: Implicit, problem):
     condition = method.condition
+    policy = method.precision
     F = lambda w, h, b: condition.residual(problem, w, h, b)  # noqa: E731
+    F_stats = _residuals(F, method.curvature)[0]
+    if policy is not None:              # products in the compute dtype, returned in the accumulation one
+        F = policy.residual(condition, problem)
     F_system, F_cross, F_term = _residuals(F, method.curvature)
     linsolve = method.linear_solver
     symmetric = condition.symmetric()
+
+    def forward(hparams, params0, batch):
+        if policy is None:
+            return method.method._run(problem, hparams, params0, batch, {})
+        low, stats = method.method._run(policy.low(problem), hparams, cast_floats(params0, policy.compute), batch, {})
+        return _tmap(lambda x, ref: x.astype(ref.dtype), low, params0), stats
 
     @jax.custom_jvp
     def respond(hparams, params0, batch, probe):
         del probe
         primals = jax.lax.stop_gradient((hparams, params0, batch))
-        params, stats = method.method._run(problem, *primals, {})
-        stats = _condition_stats(condition, problem, params, primals[0], primals[2], stats, F_system)
+        params, stats = forward(*primals)
+        stats = _condition_stats(condition, problem, params, primals[0], primals[2], stats, F_stats)
         if method.hessian is not None:
             stats = {**stats, "gauss_newton": jnp.asarray(True)}
         if isinstance(method.hvp, FiniteDifference):
@@ -385,14 +407,15 @@ def _implicit_response(method: Implicit, problem):
         F_lin, F_lin_term = F_system, F_term
         if method.hessian is not None:        # Gauss-Newton: the same system without the model's curvature
             F_lin, _, F_lin_term = _residuals(method.hessian._gradient_map(problem, params), method.curvature)
-        jvp = hvp_matvec(method.hvp, lambda w: F_lin(w, hparams, batch), params)
+        point = params if policy is None else cast_floats(params, policy.accumulate)  # tangents in the solve's dtype
+        jvp = hvp_matvec(method.hvp, lambda w: F_lin(w, hparams, batch), point)
         mask = condition.support(problem, *jax.lax.stop_gradient((params, hparams, batch)))
         matvec, rhs = (jvp, rhs) if mask is None else _restrict(mask, jvp, rhs)
         matvec_at = None
         if method.curvature == "per_term" and isinstance(batch, PerStep):
             def matvec_at(v, k):
-                return hvp_matvec(method.hvp, lambda w: F_lin_term(w, hparams, batch, k), params)(v)
-        x0 = probe.adjoint if probe.warm else None
+                return hvp_matvec(method.hvp, lambda w: F_lin_term(w, hparams, batch, k), point)(v)
+        x0 = _tmap(lambda a, r: a.astype(r.dtype), probe.adjoint, rhs) if probe.warm else None
         solve = lambda mv, b: linsolve.solve(mv, b, x0=x0, matvec_at=matvec_at)  # noqa: E731
 
         if _all_zero(d_probe):
@@ -420,6 +443,7 @@ def _implicit_response(method: Implicit, problem):
                 symmetric=symmetric,
             )
             d_params = _link((d_params, d_stats))[0]
+        d_params = _tmap(lambda d, p: d.astype(p.dtype), d_params, params)   # the solve's dtype may be wider
         return (params, stats), (d_params, zero_stats)
 
     respond.defjvp(respond_jvp, symbolic_zeros=True)
@@ -429,7 +453,8 @@ def _implicit_response(method: Implicit, problem):
 def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
              condition: AbstractCondition | None = None, *, curvature: str = "mean",
              hessian: GaussNewton | None = None,
-             hvp: str | FiniteDifference = "forward_over_reverse") -> Implicit:
+             hvp: str | FiniteDifference = "forward_over_reverse",
+             precision: Precision | None = None) -> Implicit:
     """Differentiate the inner solution by the implicit function theorem (IFT).
 
     The forward pass runs `method` (an unroll, a proximal-gradient run, a user solver or a
@@ -506,6 +531,9 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
       the same numbers, different memory and speed; symmetric systems only) or
       `bilevel.finite_difference(ε)` (differences of gradients, no second derivatives; an
       approximation, flagged `finite_difference_hvp`; symmetric systems only).
+    - `precision`: None (everything in the parameters' dtype) or `bilevel.precision(compute,
+      accumulate)`: the inner steps and the products in `compute` (bfloat16), the solve in
+      `accumulate` (float32); see there.
 
     **Returns:**
 
@@ -545,7 +573,7 @@ def implicit(method: AbstractMethod, linear_solver: AbstractLinearSolver,
     """
     if condition is None:
         condition = method.condition() if isinstance(method, ProximalGradient) else Stationary()
-    return Implicit(method, linear_solver, condition, curvature, hessian, hvp)
+    return Implicit(method, linear_solver, condition, curvature, hessian, hvp, precision)
 
 
 def solver(fn: Callable) -> Solver:
