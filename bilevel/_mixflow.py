@@ -124,6 +124,7 @@ def _mixflow_response(problem: Problem, unroll: Unroll):
         return forward(h, p0, batch)[0][0]
 
     def respond_fwd(h, p0, batch):
+        h = jax.tree_util.tree_map(jnp.asarray, h)   # a Python float is a differentiable leaf too
         carry_T, stored = forward(h, p0, batch)
         return carry_T[0], (h, p0, batch, carry_T, stored)
 
@@ -137,7 +138,7 @@ def _mixflow_response(problem: Problem, unroll: Unroll):
             acc = back(h, stored, batch.batches if per_step else None, per_step, batch, acc)
         else:
             starts, tail_start = stored
-            n_seg, rem, seg, tail = segmented(batch)
+            _, rem, seg, tail = segmented(batch)
             if rem:
                 carries = run(h, tail_start, tail, rem, per_step, batch)[1]
                 acc = back(h, carries, tail, per_step, batch, acc)

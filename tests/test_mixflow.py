@@ -169,3 +169,14 @@ def test_mixflow_stores_the_iterates_where_reverse_mode_stores_every_steps_activ
     assert unroll_per_step >= activation_bytes, unroll_per_step
     assert mixed_per_step <= 1.5 * param_bytes, (mixed_per_step, param_bytes)
     assert mixed[150] < unroll[150] / 10     # activations / parameters ≈ 14 per step here
+
+
+def test_mixflow_python_float_hyperparameter_gets_its_hypergradient():
+    # A Python float (not an array) as the hyperparameter must be differentiated, not dropped.
+    problem, w0, data = _mlp()
+    scalar = bl.Problem(inner=lambda w, h, b: problem.inner(w, {"wd": h}, b), outer=problem.outer)
+    method = bl.unroll(optax.sgd(0.05), steps=5)
+    ref = bl.hypergrad(scalar, method)(-3.0, w0, data, data)
+    out = bl.hypergrad(scalar, mixflow(method))(-3.0, w0, data, data)
+    assert abs(float(ref.grad)) > 1e-6
+    np.testing.assert_allclose(out.grad, ref.grad, rtol=1e-10)
