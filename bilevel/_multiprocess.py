@@ -312,7 +312,7 @@ def process_info() -> dict:
             "device_count": jax.device_count(), "local_device_count": jax.local_device_count()}
 
 
-def demo_data(seed: int = 0, *, rows: int = 96, dim: int = 6) -> dict:
+def demo_data(seed: int = 0, *, rows: int = 96, dim: int = 16) -> dict:
     """The demo's data, as NumPy arrays: the same in every process for the same seed.
 
     Binary labels from a noisy linear rule; `rows` training and `rows` validation rows of
@@ -381,7 +381,7 @@ def _collectives(compiled_text: str) -> list[str]:
     return [op for op in ops if f" {op}(" in compiled_text or f"{op}-start(" in compiled_text]
 
 
-def data_parallel(seed: int = 0, rows: int = 96, dim: int = 6, repeats: int = 5) -> dict:
+def data_parallel(seed: int = 0, rows: int = 96, dim: int = 16, repeats: int = 5) -> dict:
     """Run in every launched process: one hypergradient with its batches split across processes.
 
     A one-axis mesh `("data",)` spans every device of every process. Each process takes from
@@ -425,7 +425,7 @@ def data_parallel(seed: int = 0, rows: int = 96, dim: int = 6, repeats: int = 5)
             "collectives": _collectives(compiled.as_text()), "first_call_seconds": first, "run_seconds": run}
 
 
-def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit", repeats: int = 5) -> dict:
+def population(seed: int = 0, rows: int = 96, dim: int = 16, split: str = "jit", repeats: int = 5) -> dict:
     """Run in every launched process: a population of hyperparameters split across processes.
 
     The `(8, dim)` population of `demo_data` is split over a one-axis mesh `("pop",)` of every
@@ -482,7 +482,7 @@ def population(seed: int = 0, rows: int = 96, dim: int = 6, split: str = "jit", 
             "collectives": _collectives(compiled.as_text()), "first_call_seconds": first, "run_seconds": run}
 
 
-def demo(seed: int = 0, rows: int = 96, dim: int = 6, repeats: int = 5) -> dict:
+def demo(seed: int = 0, rows: int = 96, dim: int = 16, repeats: int = 5) -> dict:
     """Run in every launched process: `data_parallel`, then `population` split by `jit` and by
     `shard_map`.
 
@@ -494,7 +494,7 @@ def demo(seed: int = 0, rows: int = 96, dim: int = 6, repeats: int = 5) -> dict:
             "population_shard_map": population(seed, rows, dim, "shard_map", repeats)}
 
 
-def reference(seed: int = 0, rows: int = 96, dim: int = 6) -> dict:
+def reference(seed: int = 0, rows: int = 96, dim: int = 16) -> dict:
     """Both demos in this one process, on one device, without any mesh: the values to match.
 
     **Returns:** `{"data_parallel": {...}, "population": {...}}` with the same fields as
@@ -548,7 +548,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="CPU devices in each process (default 1); processes × devices must divide 8")
     p.add_argument("--rows", type=int, default=96,
                    help="training and validation rows (default 96); a multiple of processes × devices")
-    p.add_argument("--dim", type=int, default=6, help="features, one log-penalty each (default 6)")
+    p.add_argument("--dim", type=int, default=16, help="features, one log-penalty each (default 16)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the run is stopped (default 600)")
 
@@ -610,9 +610,10 @@ def run(args) -> int:
     print()
     print(f"Data parallel: each process held {dp[0]['local_rows']} of {args.rows} training rows; the "
           f"compiled program combines them with {', '.join(dp[0]['collectives']) or 'no collectives'}.")
+    why = " (CG's stopping test under vmap spans the population)" if pop[0]["collectives"] else ""
     print(f"Population: process i trained members {[r['members'].tolist() for r in pop]}; collectives "
-          f"with jit: {', '.join(pop[0]['collectives']) or 'none'} (CG's vmapped stopping test), with "
-          f"shard_map: {', '.join(pop_sm[0]['collectives']) or 'none'}.")
+          f"with jit: {', '.join(pop[0]['collectives']) or 'none'}{why}, with shard_map: "
+          f"{', '.join(pop_sm[0]['collectives']) or 'none'}.")
     print(f"Wall time {wall:.1f} s for the launch (process start-up, compilation and runs; "
           f"{os.cpu_count()} CPU cores on this machine).")
     ok = worst <= TOLERANCE
