@@ -25,12 +25,14 @@ def _dtype(x, name: str, where: str):
     return dt
 
 
+def _is_float(x) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, float)) and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+
+
 def cast_floats(tree, dtype):
     """Every real floating leaf of `tree` cast to `dtype` (integers, keys and None untouched)."""
     def leaf(x):
-        if isinstance(x, (jax.Array, np.ndarray, float)) and jnp.issubdtype(jnp.result_type(x), jnp.floating):
-            return jnp.asarray(x).astype(dtype)
-        return x
+        return jnp.asarray(x).astype(dtype) if _is_float(x) else x
 
     return _tmap(leaf, tree)
 
@@ -82,8 +84,8 @@ class Precision(eqx.Module):
             return jax.lax.stop_gradient(value) + (x - jax.lax.stop_gradient(x)) / root
 
         def F(w, h, b):
-            w_in, h_in, b_in = (_tmap(lambda x: damp(x, x), t) if self.loss_scale != 1.0 else t
-                                for t in cast_floats((w, h, b), self.accumulate))
+            w_in, h_in, b_in = (_tmap(lambda x: damp(x, x) if _is_float(x) else x, t) if self.loss_scale != 1.0
+                                else t for t in cast_floats((w, h, b), self.accumulate))
             out = condition.residual(scaled, cast_floats(w_in, self.compute), h_in, b_in)
             out = _tmap(lambda y: y.astype(self.accumulate), out)
             if self.loss_scale == 1.0:
