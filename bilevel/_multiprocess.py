@@ -158,7 +158,7 @@ def launch_local(
     Each process returns a pytree of NumPy values; JAX arrays are converted when this process
     can read them whole (fully addressable or fully replicated). An array split across
     processes cannot be: return its `addressable_shards` (see `population`) or gather it with
-    `jax.experimental.multihost_utils.process_allgather`.
+    `jax.experimental.multihost_utils.process_allgather(x, tiled=True)`.
 
     If a process fails or the run exceeds `timeout` seconds, every process still running is
     killed and a `RuntimeError` reports which one failed, with the end of its output.
@@ -260,7 +260,7 @@ def _to_host(x):
         raise TypeError(
             f"a launched function returned a jax.Array of shape {x.shape} split across processes "
             f"({x.sharding}); this process holds only part of it. Return its addressable_shards, or "
-            "gather it with jax.experimental.multihost_utils.process_allgather."
+            "gather it with jax.experimental.multihost_utils.process_allgather(x, tiled=True)."
         )
     return x
 
