@@ -6,8 +6,8 @@ on how its batches or its population are split across processes. Tolerance 1e-6 
 value, hypergradient, inner parameters and CG's residual; CG's iteration counts are equal.
 The runs actually differ only in the order of floating-point sums (~1e-16).
 
-The 2-process test takes about 15 s on 2 cores (process start-up and compilation); the
-4-process and 2 × 2-device runs are marked slow.
+The fast tests take 30-60 s on 2 busy cores (mostly process start-up and compilation; the
+2-process test itself 20-30 s); the 4-process and 2 × 2-device runs are marked slow.
 """
 
 from __future__ import annotations
@@ -121,9 +121,9 @@ def test_command_one_process(capsys):
 
 
 def test_launch_reports_a_failing_process():
-    # rows=97 does not split over 2 devices: data_parallel raises in every process.
-    with pytest.raises(RuntimeError, match=r"process \d of 2 .*exited with status(.|\n)*rows divisible"):
-        launch_local("bilevel._multiprocess:data_parallel", 2, args=(SEED, 97), timeout=120)
+    # population(split="pmap") raises inside the launched process.
+    with pytest.raises(RuntimeError, match=r"process 0 of 1 .*exited with status(.|\n)*split='jit' or 'shard_map'"):
+        launch_local("bilevel._multiprocess:population", 1, args=(SEED, 96, 16, "pmap"), timeout=120)
 
 
 def test_launch_stops_a_process_past_its_timeout():
@@ -155,7 +155,8 @@ def test_launch_checks_its_arguments(kwargs, error, match):
 
 
 @pytest.mark.parametrize("argv", [["--processes", "0"], ["--processes", "3"],
-                                  ["--processes", "2", "--devices-per-process", "3"], ["--timeout", "0"]])
+                                  ["--processes", "2", "--devices-per-process", "3"], ["--timeout", "0"],
+                                  ["--processes", "4", "--rows", "90"], ["--dim", "0"]])
 def test_command_checks_its_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
