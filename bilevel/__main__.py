@@ -5,6 +5,9 @@
 - `bilevel check` runs every method on an exact ridge-regression problem from
   `bilevel.testing` and prints each hypergradient beside the closed-form value, with its
   error and time: the quick "does my install compute the right numbers" command.
+- `bilevel multiprocess --processes N` starts N local processes on JAX's distributed
+  runtime and checks a data-parallel hypergradient and a population split across them
+  against the single-process run.
 - `bilevel bench` runs the microbenchmark suite: each method against hand-written JAX and
   jaxopt, memory, compile time, vmapped populations, sharding and Lasso hypergradients.
 """
@@ -309,6 +312,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bilevel-bench", help="output directory (default ./bilevel-bench)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=bench, error=p.error)
+    from . import _multiprocess
+
+    p = sub.add_parser("multiprocess", help=_multiprocess.HELP, description=_multiprocess.run.__doc__)
+    _multiprocess.add_arguments(p)
+    p.set_defaults(func=_multiprocess.run, error=p.error)
     return parser
 
 
@@ -325,7 +333,14 @@ def _bench_problem(args) -> str | None:
     return None
 
 
-_PROBLEMS = {"demo": _demo_problem, "check": _check_problem, "bench": _bench_problem}
+def _multiprocess_problem(args) -> str | None:
+    from . import _multiprocess
+
+    return _multiprocess.check_args(args)
+
+
+_PROBLEMS = {"demo": _demo_problem, "check": _check_problem, "bench": _bench_problem,
+             "multiprocess": _multiprocess_problem}
 
 
 def main(argv=None) -> int:
