@@ -53,7 +53,7 @@ json.dump(results, sys.__stdout__)
 """
 
 # Calls that only print help or are refused before any work: run together by `quick_calls`.
-HELP_COMMANDS = ["check", "demo", "bench", None]
+HELP_COMMANDS = ["check", "demo", "bench", "multiprocess", None]
 DEMO_BAD_INPUT = [
     (("--data", "cifar"), "invalid choice: 'cifar'"),
     (("--data", "mnist"), "needs --data-path"),
