@@ -5,6 +5,11 @@ unroll, by a different rule (the stored iterates and one forward-over-reverse pr
 step instead of the stored intermediates of every step's gradient). `bl.unroll`'s
 hypergradient, JAX's own reverse-over-reverse autodiff of the same steps, is the
 independent reference: they must agree to rounding (float64, rtol 1e-10).
+
+Nearly all the time of these tests is XLA compiling small programs, so they compile with
+`jax_disable_most_optimizations` (as tests/test_docs_pages.py does): the same programs and
+values, fewer backend optimisations. The memory test compiles normally, since its numbers
+are those of XLA's optimised memory plan.
 """
 
 import jax
@@ -15,6 +20,16 @@ import pytest
 
 import bilevel as bl
 from bilevel._mixflow import MixFlow, mixflow
+
+
+@pytest.fixture(autouse=True)
+def quick_compilation(request):
+    """Compile with few optimisations, except for the memory test; restore the setting after."""
+    name = "jax_disable_most_optimizations"
+    previous = jax.config.read(name)
+    jax.config.update(name, "memory" not in request.node.name)
+    yield
+    jax.config.update(name, previous)
 
 
 def _net(w, x):
@@ -78,7 +93,8 @@ def test_mixflow_with_per_step_minibatches_and_a_start_point_equals_unroll(check
     batches = bl.per_step((x.reshape(steps, 8, -1), y.reshape(steps, 8, -1)))
     maml = bl.Problem(inner=problem.inner, outer=problem.outer, start=lambda h: h["w0"])
     h = {**H, "w0": w0}
-    method = bl.unroll(lambda h: optax.adam(h["lr"]), steps=steps, checkpoint=checkpoint)
+    opt = OPTIMIZERS["adam" if checkpoint else "momentum"]
+    method = bl.unroll(opt, steps=steps, checkpoint=checkpoint)
     ref = _hypergrad(maml, method, h, None, batches, (x, y))
     out = _hypergrad(maml, mixflow(method), h, None, batches, (x, y))
     for key in ("wd", "lr"):
@@ -104,7 +120,7 @@ def test_mixflow_hyper_hessian_by_reverse_mode_equals_unroll():
 
 def test_mixflow_composes_with_jit_vmap_and_does_not_retrace():
     problem, w0, data = _mlp()
-    method = bl.unroll(lambda h: optax.sgd(h["lr"], momentum=0.5), steps=20)
+    method = bl.unroll(lambda h: optax.sgd(h["lr"], momentum=0.5), steps=8)
     traces = []
 
     def run(wd):
