@@ -36,6 +36,7 @@ from ._compile import (
 )
 from ._curvature import GaussNewton as GaussNewton, gauss_newton as gauss_newton
 from ._drmad import DrMAD as DrMAD, drmad as drmad
+from ._mixflow import MixFlow as MixFlow, mixflow as mixflow
 from ._hvp import FiniteDifference as FiniteDifference, finite_difference as finite_difference
 from ._precision import Precision as Precision, precision as precision
 from ._multiprocess import cpu_collectives_available as cpu_collectives_available, launch_local as launch_local
