@@ -8,6 +8,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ._problem import Problem
 
@@ -81,6 +82,15 @@ def tree_norm(tree: PyTree) -> jax.Array:
     sq = sum(jnp.sum(jnp.abs(x) ** 2) for x in leaves)
     zero = sq == 0          # not `sq > 0`: that is False for NaN and would turn NaN into 0
     return jnp.where(zero, 0.0, jnp.sqrt(jnp.where(zero, 1.0, sq)))
+
+
+def zero_cotangent(x):
+    """A zero cotangent for a primal leaf (float0 for integer and boolean leaves), for the
+    backward rules of `jax.custom_vjp` methods (`drmad`, `mixflow`)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:

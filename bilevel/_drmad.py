@@ -5,20 +5,11 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ._base import AbstractMethod, grad_norm_stats, inner_grad
+from ._base import AbstractMethod, grad_norm_stats, inner_grad, zero_cotangent
 from ._problem import PerStep, Problem
 from ._unroll import Unroll, _last_batch
-
-
-def _zero_cotangent(x):
-    """A zero cotangent for a primal leaf (float0 for integer and boolean leaves)."""
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def _interpolate(carry0, carry_T, fraction):
@@ -83,7 +74,7 @@ def _drmad_response(problem: Problem, unroll: Unroll):
         _, pullback = jax.vjp(lambda hh, pp: differentiable(init(hh, pp)), h, p0)
         h_init, p0_bar = pullback(adjoint_0)
         h_bar = jax.tree_util.tree_map(jnp.add, h_bar, h_init)
-        return h_bar, p0_bar, jax.tree_util.tree_map(_zero_cotangent, batch)
+        return h_bar, p0_bar, jax.tree_util.tree_map(zero_cotangent, batch)
 
     respond.defvjp(respond_fwd, respond_bwd)
     return respond

@@ -5,20 +5,11 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from ._base import AbstractMethod, grad_norm_stats, inner_grad
+from ._base import AbstractMethod, grad_norm_stats, inner_grad, zero_cotangent
 from ._problem import PerStep, Problem
 from ._unroll import Unroll, _last_batch, check_reverse_memory
-
-
-def _zero_cotangent(x):
-    """A zero cotangent for a primal leaf (float0 for integer and boolean leaves)."""
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(x.shape, jax.dtypes.float0)
 
 
 def _differentiable(tree):
@@ -154,9 +145,9 @@ def _mixflow_response(problem: Problem, unroll: Unroll):
         _, pullback = jax.vjp(lambda hd, pp: _differentiable(init(eqx.combine(hd, h_fixed), pp)), h_diff, p0)
         h_init, p0_bar = pullback(adjoint_0)
         h_bar = _add(h_bar, h_init)
-        h_bar = jax.tree_util.tree_map(lambda b, x: _zero_cotangent(x) if b is None else b, h_bar, h,
+        h_bar = jax.tree_util.tree_map(lambda b, x: zero_cotangent(x) if b is None else b, h_bar, h,
                                        is_leaf=lambda x: x is None)
-        return h_bar, p0_bar, jax.tree_util.tree_map(_zero_cotangent, batch)
+        return h_bar, p0_bar, jax.tree_util.tree_map(zero_cotangent, batch)
 
     respond.defvjp(respond_fwd, respond_bwd)
     return respond
