@@ -16,6 +16,8 @@ import pytest
 import bilevel as bl
 import bilevel.testing as blt
 
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py: compile-bound
+
 
 def _ridge_gn():
     return bl.gauss_newton(lambda w, h, b: b[0] @ w, lambda z, h, b: 0.5 * jnp.mean((z - b[1]) ** 2))

@@ -16,6 +16,8 @@ import pytest
 import bilevel as bl
 import bilevel.testing as blt
 
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py: compile-bound
+
 
 def _shift_problem(seed: int, dim: int = 4):
     """L_T = ½(w − Pλ)ᵀA(w − Pλ): ∇_w L_T is affine in w with a λ-derivative −AP free of w."""
@@ -87,7 +89,7 @@ def _mlp_problem():
     return problem, w0, (x, y)
 
 
-def test_drmad_memory_does_not_grow_with_steps():
+def test_drmad_memory_does_not_grow_with_steps(full_optimization):
     problem, w0, data = _mlp_problem()
     h = jnp.asarray(-3.0)
 

@@ -16,6 +16,8 @@ import pytest
 import bilevel as bl
 from bilevel._hvp import matvec
 
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py: compile-bound
+
 
 def _mlp():
     def net(w, x):

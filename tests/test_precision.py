@@ -11,6 +11,8 @@ import pytest
 import bilevel as bl
 import bilevel.testing as blt
 
+pytestmark = pytest.mark.usefixtures("quick_compilation")   # tests/conftest.py: compile-bound
+
 
 def _ridge(dtype=jnp.float64):
     exact = blt.Ridge.sample(3, dim=12, max_condition=10.0)
