@@ -362,10 +362,10 @@ def _implicit_response(method: Implicit, problem):
     condition = method.condition
     policy = method.precision
     F = lambda w, h, b: condition.residual(problem, w, h, b)  # noqa: E731
-    F_stats = _residuals(F, method.curvature)[0]
-    if policy is not None:              # products in the compute dtype, returned in the accumulation one
-        F = policy.residual(condition, problem)
     F_system, F_cross, F_term = _residuals(F, method.curvature)
+    F_stats = F_system                  # the stats stay in the parameters' dtype
+    if policy is not None:              # products in the compute dtype, returned in the accumulation one
+        F_system, F_cross, F_term = _residuals(policy.residual(condition, problem), method.curvature)
     linsolve = method.linear_solver
     symmetric = condition.symmetric()
 
