@@ -242,8 +242,10 @@ def run(args) -> dict:
                          jax.random.fold_in(jax.random.key(seed), 1), jnp.int32(0))
         spread.append(timed_run(f"no decay, seed {seed}", sgd, other, (inner,), lambda s: s.params, args, val,
                                 test)[0]["final"]["test_accuracy"])
-    rows[f"decay {math.exp(args.log_decay0):.0e} (untuned)"] = sgd_row("decay e^λ₀", args.log_decay0, 0)
-    grid = {d: sgd_row(f"decay {d:g}", math.log(d), 1) for d in args.grid}
+    untuned = f"decay {math.exp(args.log_decay0):.0e} (untuned)"
+    rows[untuned] = sgd_row("decay e^λ₀", args.log_decay0, 0)
+    grid = {math.exp(args.log_decay0): {**rows[untuned], "H": 1}}  # e^λ₀ is a grid point too
+    grid.update({d: sgd_row(f"decay {d:g}", math.log(d), 1) for d in args.grid})
     best = min(grid, key=lambda d: grid[d]["final"]["val_loss"])
     rows["scalar grid"] = {**grid[best], "best_decay": best, "seconds": sum(g["seconds"] for g in grid.values()),
                            "grid": {f"{d:g}": g["final"] for d, g in grid.items()}}
@@ -292,7 +294,8 @@ def table(result, settings) -> list[str]:
     lines.append(f"P = {P:,} parameters; {settings['steps']} steps of {settings['batch']} images "
                  f"({result['sizes']['train']:,} training, {result['sizes']['val']:,} validation, "
                  f"{result['sizes']['test']:,} test images); the scalar grid is "
-                 f"{', '.join(f'{d:g}' for d in settings['grid'])} and its time the sum of its runs.")
+                 f"{', '.join(f'{d:g}' for d in sorted([math.exp(settings['log_decay0']), *settings['grid']]))} "
+                 "and its time the sum of its runs.")
     spread = result["no_decay_test_accuracy_by_seed"]
     if len(spread) > 1:
         lines.append(f"Seed-to-seed spread (initial weights and minibatch order) of the no-decay model's test "
@@ -339,7 +342,8 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=0.05, help="SGD step size of w (and of SOBA's v)")
     p.add_argument("--outer-lr", type=float, default=0.01, help="Adam step size of λ")
     p.add_argument("--log-decay0", type=float, default=math.log(1e-4))
-    p.add_argument("--grid", type=float, nargs="+", default=[1e-4, 1e-3, 1e-2])
+    p.add_argument("--grid", type=float, nargs="+", default=[1e-5, 1e-3, 1e-2],
+                   help="scalar decays tried besides e^λ₀ (which is on the grid too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spread-seeds", type=int, default=2, help="more seeds of the no-decay run, for its spread")
     p.add_argument("--quick", action="store_true", help="a tiny run on digits")
@@ -348,7 +352,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.quick:
         args.mnist, args.widths, args.steps, args.chunks, args.batch, args.grid = None, [2, 4, 16], 20, 2, 32, [1e-3, 1e-2]
-        args.spread_seeds = 1
+        args.spread_seeds = 0
     if args.steps % args.chunks:
         p.error(f"--steps ({args.steps}) must be a multiple of --chunks ({args.chunks})")
     began = time.perf_counter()
