@@ -117,7 +117,25 @@ def stream_keys(key, count: int) -> tuple:
     return tuple(jax.random.fold_in(key, i) for i in range(count))
 
 
+def check_history(history, where: str) -> bool:
+    if not isinstance(history, (bool, np.bool_)):
+        raise TypeError(
+            f"{where} requires `history` to be True (stack every step's info) or False (keep "
+            f"the scalars, drop the per-step `hypergrad` and `hparams` trees); got "
+            f"{type(history).__name__} {history!r}."
+        )
+    return bool(history)
+
+
 @eqx.filter_jit
-def scan_run(driver, state, inner: Sampler, outer: Sampler, steps: int):
-    """`steps` calls of `driver.step` in one compiled `lax.scan`: `(state, infos)`."""
-    return jax.lax.scan(lambda s, _: driver.step(s, inner, outer), state, None, length=steps)
+def scan_run(driver, state, inner: Sampler, outer: Sampler, steps: int, history: bool = True):
+    """`steps` calls of `driver.step` in one compiled `lax.scan`: `(state, infos)`.
+
+    With `history=False` the infos' `hypergrad` and `hparams` (trees of the size of the
+    hyperparameters) are `None`, so nothing of size steps × |hparams| is stacked.
+    """
+    def body(s, _):
+        s, info = driver.step(s, inner, outer)
+        return s, (info if history else info._replace(hypergrad=None, hparams=None))
+
+    return jax.lax.scan(body, state, None, length=steps)

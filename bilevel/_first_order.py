@@ -35,6 +35,7 @@ from ._drivers import (
     check_step_size,
     check_steps,
     scan_run,
+    check_history,
     step_size,
     stream_keys,
 )
@@ -275,7 +276,8 @@ class F2SA(eqx.Module):
                         jnp.asarray(3 * T + 3, jnp.int32))
         return F2SAState(y, z, mu + growth, outer_state, hparams, state.key, k + 1), info
 
-    def run(self, state: F2SAState, inner: Sampler, outer: Sampler, steps: int):
+    def run(self, state: F2SAState, inner: Sampler, outer: Sampler, steps: int, *,
+            history: bool = True):
         """`steps` calls of `step` in one compiled `lax.scan`.
 
         Compiled on first use and reused for the same driver, shapes and `steps` (new
@@ -287,15 +289,19 @@ class F2SA(eqx.Module):
         - `state`: an `F2SAState`.
         - `inner`, `outer`: the training and validation `bilevel.Sampler`s.
         - `steps`: the number of steps, a Python int >= 1.
+        - `history`: `True` (default) stacks every field of every step's info; `False` sets
+          the tree-valued fields `hypergrad` and `hparams` to `None` and keeps the scalars.
+          The stacked trees hold `2 × steps × |hparams|` numbers: with a million float32
+          hyperparameters, 3,000 steps would take 24 GB.
 
         **Returns:**
 
         `(state, infos)`: the final state and the `F2SAInfo`s stacked along a leading axis.
         """
-        where = "F2SA.run(state, inner, outer, steps)"
+        where = "F2SA.run(state, inner, outer, steps, *, history=True)"
         check_steps(steps, where)
         _check_call("F2SA", state, F2SAState, inner, outer, where)
-        return scan_run(self, state, inner, outer, steps)
+        return scan_run(self, state, inner, outer, steps, check_history(history, where))
 
 
 def f2sa(
@@ -539,7 +545,8 @@ class BOME(eqx.Module):
                         draws.outer_index[0], jnp.asarray(T + 3, jnp.int32))
         return BOMEState(params, hparams, state.key, k + 1), info
 
-    def run(self, state: BOMEState, inner: Sampler, outer: Sampler, steps: int):
+    def run(self, state: BOMEState, inner: Sampler, outer: Sampler, steps: int, *,
+            history: bool = True):
         """`steps` calls of `step` in one compiled `lax.scan`.
 
         Compiled on first use and reused for the same driver, shapes and `steps` (new
@@ -551,15 +558,19 @@ class BOME(eqx.Module):
         - `state`: a `BOMEState`.
         - `inner`, `outer`: the training and validation `bilevel.Sampler`s.
         - `steps`: the number of steps, a Python int >= 1.
+        - `history`: `True` (default) stacks every field of every step's info; `False` sets
+          the tree-valued fields `hypergrad` and `hparams` to `None` and keeps the scalars.
+          The stacked trees hold `2 × steps × |hparams|` numbers: with a million float32
+          hyperparameters, 3,000 steps would take 24 GB.
 
         **Returns:**
 
         `(state, infos)`: the final state and the `BOMEInfo`s stacked along a leading axis.
         """
-        where = "BOME.run(state, inner, outer, steps)"
+        where = "BOME.run(state, inner, outer, steps, *, history=True)"
         check_steps(steps, where)
         _check_call("BOME", state, BOMEState, inner, outer, where)
-        return scan_run(self, state, inner, outer, steps)
+        return scan_run(self, state, inner, outer, steps, check_history(history, where))
 
 
 def bome(

@@ -41,6 +41,7 @@ from ._drivers import (
     check_step_size,
     check_steps,
     scan_run,
+    check_history,
     step_size,
     stream_keys,
 )
@@ -298,7 +299,8 @@ class _StochasticDriver(eqx.Module):
         updates, outer_state = self._outer().update(direction, state.outer_state, state.hparams)
         return optax.apply_updates(state.hparams, updates), outer_state
 
-    def run(self, state: StochasticState, inner: Sampler, outer: Sampler, steps: int):
+    def run(self, state: StochasticState, inner: Sampler, outer: Sampler, steps: int, *,
+            history: bool = True):
         """`steps` calls of `step` in one compiled `lax.scan`.
 
         Compiled on first use and reused for the same driver, shapes and `steps` (new
@@ -310,16 +312,20 @@ class _StochasticDriver(eqx.Module):
         - `state`: a `StochasticState` from `init` or a previous `step`/`run`.
         - `inner`, `outer`: the `bilevel.Sampler`s of the training and validation rows.
         - `steps`: the number of steps, a Python int >= 1.
+        - `history`: `True` (default) stacks every field of every step's info; `False` sets
+          the tree-valued fields `hypergrad` and `hparams` to `None` and keeps the scalars.
+          The stacked trees hold `2 × steps × |hparams|` numbers: with a million float32
+          hyperparameters, 3,000 steps would take 24 GB.
 
         **Returns:**
 
         `(state, infos)`: the final state and the `StochasticInfo`s stacked along a leading axis.
         """
-        where = f"{self._name()}.run(state, inner, outer, steps)"
+        where = f"{self._name()}.run(state, inner, outer, steps, *, history=True)"
         check_steps(steps, where)
         check_sampler(inner, "inner", where)
         check_sampler(outer, "outer", where)
-        return scan_run(self, state, inner, outer, steps)
+        return scan_run(self, state, inner, outer, steps, check_history(history, where))
 
 
 def _check_common(driver, where: str) -> None:

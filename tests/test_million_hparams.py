@@ -82,14 +82,43 @@ DRIVERS = {
 
 @pytest.mark.parametrize("name", list(DRIVERS))
 def test_stochastic_step_forms_nothing_of_size_p_times_h(setting, name):
-    params, hparams, (train, val), P = setting
+    _, _, (train, val), P = setting
     driver = DRIVERS[name]()
     inner, outer = bl.sampler(train, BATCH), bl.sampler(val, BATCH)
-    key = jax.random.key(1)
-    state = (driver.init(key, hparams, params, inner=inner, outer=outer) if name == "saba"
-             else driver.init(key, hparams, params))
+    state = _init(name, driver, setting, inner, outer)
     biggest = largest_intermediate(lambda s: driver.step(s, inner, outer), state)
     assert FEATURES * HIDDEN <= biggest < P * P / 20, (name, biggest, P)
+
+
+def _init(name, driver, setting, inner, outer):
+    params, hparams, _, _ = setting
+    key = jax.random.key(1)
+    if name == "saba":
+        return driver.init(key, hparams, params, inner=inner, outer=outer)
+    return driver.init(key, hparams, params)
+
+
+@pytest.mark.parametrize("name", ["soba", "f2sa", "bome"])  # the three `run` methods
+def test_run_without_history_keeps_the_scalars_and_stacks_nothing_per_hyperparameter(setting, name):
+    _, _, (train, val), P = setting
+    driver = DRIVERS[name]()
+    inner, outer = bl.sampler(train, BATCH), bl.sampler(val, BATCH)
+    state0 = _init(name, driver, setting, inner, outer)
+    full_state, full = driver.run(state0, inner, outer, 4)
+    state, infos = driver.run(state0, inner, outer, 4, history=False)
+    assert infos.hypergrad is None and infos.hparams is None
+    assert jax.tree_util.tree_leaves(full.hypergrad)[0].shape[0] == 4
+    np.testing.assert_allclose(infos.value, full.value, rtol=1e-12)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(full_state)):
+        if not jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15)
+    # 50 steps stack 50 × H numbers per tree with the history, nothing of that size without it
+    steps, leaf = 50, FEATURES * HIDDEN
+    with_history = largest_intermediate(lambda s: driver.run(s, inner, outer, steps)[1], state0)
+    without = largest_intermediate(lambda s: driver.run(s, inner, outer, steps, history=False)[1], state0)
+    assert with_history >= steps * leaf and without < 10 * leaf
+    with pytest.raises(TypeError, match="`history` to be True"):
+        driver.run(state0, inner, outer, 4, history="no")
 
 
 @pytest.mark.parametrize("method", ["implicit_cg", "implicit_neumann", "unroll"])
