@@ -286,7 +286,7 @@ class Lasso(_AbstractSparse):
     The support and signs are stored in the field `signs` (computed when the instance is
     built, at `log_lam`); the closed forms use them, so they are exact on the interval of
     λ around `log_lam` where that support stays optimal and NaN outside it (see
-    [`is_valid`][bilevel.testing.Lasso.is_valid]).
+    `is_valid`).
 
     **Arguments:**
 
