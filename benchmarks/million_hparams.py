@@ -213,12 +213,61 @@ LAYERS = ("conv1 kernel", "conv1 bias", "conv2 kernel", "conv2 bias", "dense ker
           "output kernel", "output bias")
 
 
-def run(args) -> dict:
+def soba_rows(args, params0, key, inner, outer, val, test, label: str = "") -> dict:
+    """SOBA with one scalar log-decay and with one per parameter: the same step sizes, Adam on λ."""
+    lam0 = jnp.asarray(args.log_decay0, jnp.float32)
+    rows = {}
+    for name, h0 in (("scalar SOBA", lam0),
+                     ("per-parameter SOBA", tuple(jnp.full(p.shape, lam0) for p in params0))):
+        driver = bl.soba(PROBLEM, args.lr, optax.adam(args.outer_lr))
+        state = driver.init(key, h0, params0)
+        compiled, compile_seconds = compile_step(lambda s, i, o: driver.step(s, i, o)[0], state, inner, outer)
+        row, state = timed_run(name + label, compiled, state, (inner, outer), lambda s: s.params, args, val, test)
+        row.update(compile_seconds=compile_seconds, memory=memory(compiled), H=count(h0),
+                   hparams=decay_summary(state.hparams, LAYERS))
+        rows[name] = row
+    return rows
+
+
+def setup(args):
     (train, val, test), side = load(args)
-    params0 = init_cnn(jax.random.key(args.seed), side, tuple(args.widths))
-    P = count(params0)
     inner = bl.sampler(train, args.batch, drop_remainder=True)
     outer = bl.sampler(val, args.batch, drop_remainder=True)
+    return (train, val, test), side, inner, outer
+
+
+def seeds_run(args, out: pathlib.Path) -> dict:
+    """Scalar and per-parameter SOBA again at `--soba-seeds` more seeds (new initial weights and
+    minibatch order, as the no-decay spread); their test accuracies beside the main run's."""
+    (_, val, test), side, inner, outer = setup(args)
+    main_run = json.loads((out / "million_hparams.json").read_text())
+    seeds = list(range(args.seed + 1, args.seed + 1 + args.soba_seeds))
+    accuracy = {"no decay": main_run["no_decay_test_accuracy_by_seed"],
+                **{name: [main_run["rows"][name]["final"]["test_accuracy"]] for name in ("scalar SOBA",
+                                                                                          "per-parameter SOBA")}}
+    for seed in seeds:
+        params0 = init_cnn(jax.random.key(seed), side, tuple(args.widths))
+        for name, row in soba_rows(args, params0, jax.random.key(seed), inner, outer, val, test,
+                                   f", seed {seed}").items():
+            accuracy[name].append(row["final"]["test_accuracy"])
+    doc = {"seeds": [args.seed, *seeds], "test_accuracy": accuracy, "machine": machine()}
+    (out / "million_hparams_seeds.json").write_text(json.dumps(doc, indent=1))
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in doc["seeds"]) + " | mean |",
+             "|---" * (len(doc["seeds"]) + 2) + "|"]
+    for name, accs in accuracy.items():
+        cells = [f"{100 * accs[i]:.2f} %" if i < len(accs) else "not run" for i in range(len(doc["seeds"]))]
+        lines.append(f"| {name} | " + " | ".join(cells) +
+                     f" | {100 * float(np.mean(accs)):.2f} % |")
+    (out / "million_hparams_seeds.md").write_text("\n".join(["<!-- --8<-- [start:table] -->", *lines,
+                                                             "<!-- --8<-- [end:table] -->", ""]))
+    print("\n".join(lines))
+    return doc
+
+
+def run(args) -> dict:
+    (train, val, test), side, inner, outer = setup(args)
+    params0 = init_cnn(jax.random.key(args.seed), side, tuple(args.widths))
+    P = count(params0)
     print(f"P = {P:,} parameters; training {train[0].shape[0]:,}, validation {val[0].shape[0]:,}, "
           f"test {test[0].shape[0]:,} images; {args.steps} steps of {args.batch}", flush=True)
     key = jax.random.key(args.seed)
@@ -253,16 +302,7 @@ def run(args) -> dict:
     rows["scalar grid"] = {**grid[best], "best_decay": best, "seconds": sum(g["seconds"] for g in grid.values()),
                            "grid": {f"{d:g}": g["final"] for d, g in grid.items()}}
 
-    # SOBA, scalar and per-parameter: the same step sizes, Adam on λ
-    for name, h0 in (("scalar SOBA", lam0),
-                     ("per-parameter SOBA", tuple(jnp.full(p.shape, lam0) for p in params0))):
-        driver = bl.soba(PROBLEM, args.lr, optax.adam(args.outer_lr))
-        state = driver.init(key, h0, params0)
-        compiled, compile_seconds = compile_step(lambda s, i, o: driver.step(s, i, o)[0], state, inner, outer)
-        row, state = timed_run(name, compiled, state, (inner, outer), lambda s: s.params, args, val, test)
-        row.update(compile_seconds=compile_seconds, memory=memory(compiled), H=count(h0),
-                   hparams=decay_summary(state.hparams, LAYERS))
-        rows[name] = row
+    rows.update(soba_rows(args, params0, key, inner, outer, val, test))
     for row in rows.values():
         row["p_times_h_bytes"] = P * row["H"] * 4
     return {"P": P, "sgd_seconds": min(sgd_seconds), "no_decay_test_accuracy_by_seed": spread, "sizes": {k: int(d[0].shape[0]) for k, d in (("train", train), ("val", val), ("test", test))},
@@ -352,6 +392,8 @@ def main(argv=None) -> dict:
                    help="scalar decays tried besides e^λ₀ (which is on the grid too)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spread-seeds", type=int, default=2, help="more seeds of the no-decay run, for its spread")
+    p.add_argument("--soba-seeds", type=int, default=0,
+                   help="instead of the main run: both SOBA rows at this many more seeds (reads the main run's json)")
     p.add_argument("--quick", action="store_true", help="a tiny run on digits")
     p.add_argument("--out", default="benchmarks/results/million_hparams")
     p.add_argument("--assets", default="docs/assets")
@@ -361,6 +403,8 @@ def main(argv=None) -> dict:
         args.spread_seeds = 0
     if args.steps % args.chunks:
         p.error(f"--steps ({args.steps}) must be a multiple of --chunks ({args.chunks})")
+    if args.soba_seeds:
+        return seeds_run(args, pathlib.Path(args.out))
     began = time.perf_counter()
     result = run(args)
     settings = {k: getattr(args, k) for k in ("mnist", "num_train", "num_val", "widths", "steps", "chunks", "batch",

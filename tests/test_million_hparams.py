@@ -167,3 +167,10 @@ def test_million_hparams_benchmark_quick_run_writes_every_row(tmp_path):
     markdown = (tmp_path / "million_hparams.md").read_text()
     assert markdown.count("\n| ") == 2 + 5 + 8  # two header rows, 5 methods, 8 layers
     assert (tmp_path / "million_hparams.png").stat().st_size > 0
+    # more SOBA seeds beside the main run's: seed 0's accuracies are the main run's own
+    seeds = script.main(["--quick", "--soba-seeds", "1", "--out", str(tmp_path)])
+    assert seeds["seeds"] == [0, 1]
+    for name in ("scalar SOBA", "per-parameter SOBA"):
+        accs = seeds["test_accuracy"][name]
+        assert len(accs) == 2 and accs[0] == rows[name]["final"]["test_accuracy"], name
+    assert "| per-parameter SOBA |" in (tmp_path / "million_hparams_seeds.md").read_text()
