@@ -29,9 +29,11 @@ Python, not a `lax.scan` of steps: on XLA:CPU, convolutions inside a loop body t
 (jax-ml/jax#12868), 3.5-5× slower per step here.
 
 Writes million_hparams.json / million_hparams.md to --out (benchmarks/results/million_hparams)
-and million_hparams.png to --assets (docs/assets).
+and million_hparams.png to --assets (docs/assets); with --soba-seeds, million_hparams_seeds.json /
+.md beside them.
 
-    python benchmarks/million_hparams.py --mnist ../shared/data/mnist.npz     # about 30 minutes on 2 CPU cores
+    python benchmarks/million_hparams.py --mnist ../shared/data/mnist.npz     # about 14 minutes on 2 CPU cores
+    python benchmarks/million_hparams.py --mnist ../shared/data/mnist.npz --soba-seeds 2   # SOBA at 2 more seeds
     python benchmarks/million_hparams.py --quick                              # a tiny run on digits (the tests')
 """
 
