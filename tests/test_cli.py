@@ -11,7 +11,7 @@ from `SystemExit` and any other exception printed as the interpreter would (a tr
 1). The three demo runs that do work share one interpreter the same way (`demo_runs`); `check`
 and `bench` run in interpreters of their own. Every case keeps its own assertions.
 
-The working runs also pass `--xla_cpu_use_fusion_emitters=false` in XLA_FLAGS (`QUICK_ENV`):
+The working runs inherit `--xla_cpu_use_fusion_emitters=false` in XLA_FLAGS from tests/conftest.py:
 XLA:CPU then emits its fusions with the older loop emitters, whose compilation is far cheaper
 on these tiny programs (`bilevel check`: backend compile 14.4 s -> 5.8 s, the run 23.6 s ->
 15.0 s on 2 shared cores; its errors stay at ~1e-15).
@@ -28,8 +28,7 @@ import pytest
 import bilevel as bl
 
 
-QUICK_ENV = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
-             "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_use_fusion_emitters=false".strip()}
+QUICK_ENV = {**os.environ, "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}  # XLA_FLAGS as tests/conftest.py set it
 
 
 def cli(*args, timeout=600):
