@@ -28,6 +28,7 @@ import optax
 from ._base import tree_norm, tree_vdot
 from ._drivers import (
     StepSize,
+    check_history,
     check_key,
     check_outer_optimizer,
     check_problem,
@@ -35,7 +36,6 @@ from ._drivers import (
     check_step_size,
     check_steps,
     scan_run,
-    check_history,
     step_size,
     stream_keys,
 )

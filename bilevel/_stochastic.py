@@ -33,6 +33,7 @@ import optax
 
 from ._drivers import (
     StepSize,
+    check_history,
     check_key,
     check_like,
     check_outer_optimizer,
@@ -41,7 +42,6 @@ from ._drivers import (
     check_step_size,
     check_steps,
     scan_run,
-    check_history,
     step_size,
     stream_keys,
 )

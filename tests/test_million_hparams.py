@@ -100,7 +100,7 @@ def _init(name, driver, setting, inner, outer):
 
 @pytest.mark.parametrize("name", ["soba", "f2sa", "bome"])  # the three `run` methods
 def test_run_without_history_keeps_the_scalars_and_stacks_nothing_per_hyperparameter(setting, name):
-    _, _, (train, val), P = setting
+    _, _, (train, val), _ = setting
     driver = DRIVERS[name]()
     inner, outer = bl.sampler(train, BATCH), bl.sampler(val, BATCH)
     state0 = _init(name, driver, setting, inner, outer)
